@@ -1,0 +1,114 @@
+"""Documented defaults shared by every dataset config.
+
+Dataset files (`configs/tetrominoes.py`, ...) start from `get_base_config()`
+and override what the paper's Table 10 sets for them. Every field is
+commented here, once; dataset files only change values.
+
+Run any config with
+  python -m tusk_jax.main --config=configs/tetrominoes.py --workdir=/tmp/tusk
+and override fields on the command line, e.g. `--config.train.batch_size=8`.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """Returns the default configuration (unlocked; dataset files lock it)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # Seeds parameter init, prototypes, data order and TPS warps.
+
+    # ---- Data (tusk_jax/datasets, tusk_jax/input_pipeline.py) ----
+    config.dataset = ml_collections.ConfigDict()
+    config.dataset.name = (
+        "tetrominoes"  # mnist_hard | tetrominoes | clevr6 | clevr10 | celeba_wild | h36m
+    )
+    config.dataset.data_dir = ml_collections.FieldReference(
+        None, field_type=str
+    )  # tfds data dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+    config.dataset.manual_dir = ml_collections.FieldReference(
+        None, field_type=str
+    )  # Folder holding the real downloaded files; None: <data_dir>/downloads/manual.
+    config.dataset.source = (
+        "auto"  # auto: real files if present, else the embedded generator | real | procedural.
+    )
+    config.dataset.image_size = (
+        112  # Training resolution (square, pixels) after the SPEC 5 preprocessing.
+    )
+    config.dataset.num_train = (
+        50_000  # Procedural sources only: number of training scenes to generate.
+    )
+    config.dataset.num_test = 10_000  # Procedural sources only: number of test scenes to generate.
+    config.dataset.num_objects = (
+        3  # Procedural sources only: objects per scene (tetrominoes pieces; mnist_hard digits).
+    )
+    config.dataset.eval_split = "test"  # Split evaluated by tusk_jax.evaluate.
+    config.dataset.num_eval_examples = -1  # Examples evaluated; -1: the whole split.
+
+    # ---- Model (tusk_jax/models.py, SPEC 2) ----
+    config.model = ml_collections.ConfigDict()
+    config.model.base_width = (
+        32  # U-Net channels at full resolution (c; the stages use c, 2c, 4c, 8c).
+    )
+    config.model.depth = 4  # U-Net resolutions; image sides must be divisible by 2**(depth-1).
+    config.model.feature_dim = 32  # Descriptor / feature-map channels C.
+    config.model.num_groups = 8  # GroupNorm groups in the U-Net stages.
+    config.model.num_keypoints = 3  # K: keypoints per image at training time.
+    config.model.num_prototypes = 114  # M: learned prototypes.
+    config.model.window = 27  # B: NMS and soft-argmax window (odd, pixels).
+    config.model.temperature = 0.2  # tau of the patch soft-argmax weights exp(S / tau).
+    config.model.splat_variance = 0.05  # v of the Gaussian splats (pixels^2).
+    config.model.decoder_mode = "alpha"  # plain: sum of splats -> RGB | alpha: one RGBA per keypoint, softmax over keypoints.
+
+    # ---- Losses (tusk_jax/losses.py, SPEC 3) ----
+    config.loss = ml_collections.ConfigDict()
+    config.loss.recon = "mse"  # mse | perceptual (VGG16 features).
+    config.loss.vgg16_weights = ml_collections.FieldReference(
+        None, field_type=str
+    )  # .npz of VGG16 conv weights, needed for perceptual.
+    config.loss.recon_weight = 1.0  # Weight of L_recon.
+    config.loss.kmeans_weight = 0.01  # Weight of L_km (cluster loss).
+    config.loss.kmeans_temperature = 20.0  # Softmin sharpness in L_km.
+    config.loss.eqv_score_weight = 0.01  # Weight of the score-map part of L_eqv.
+    config.loss.eqv_feature_weight = 100.0  # Weight of the feature-map part of L_eqv.
+    config.loss.sw_weight = 1.0  # Weight of L_sw (prototype loss).
+    config.loss.sw_num_projections = 100  # Random directions of the sliced Wasserstein distance.
+    config.loss.sw_noise_std = 0.02  # Std of the prototype mixture components (variance 4e-4).
+
+    # ---- TPS pair making (tusk_jax/ops/warps.py, SPEC 4) ----
+    config.tps = ml_collections.ConfigDict()
+    config.tps.scale = 0.95  # Mean per-axis scale of the dataset warp.
+    config.tps.scale_var = 0.02  # Half-range of the scale.
+    config.tps.tps = 0.02  # Half-range of control point displacements (normalised units).
+    config.tps.off = 0.05  # Half-range of the scale / rotation centres.
+    config.tps.rot = 0.1  # Half-range of the rotation (radians).
+    config.tps.padding = "reflect"  # reflect | constant: how the pad of H/5 pixels is filled.
+    config.tps.cval = 0.0  # Fill value for constant padding (0 MNIST, 1 H36M).
+
+    # ---- Training (tusk_jax/train.py) ----
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = (
+        38  # Global batch in PAIRS (I1, I2); SPEC/paper batch sizes count images = 2 x pairs.
+    )
+    config.train.num_steps = (
+        200_000  # Training iterations (one encoder/decoder step + its prototype steps).
+    )
+    config.train.learning_rate = 1e-3  # Adam lr of encoder + decoder.
+    config.train.prototype_learning_rate = 0.1  # Adam lr of the prototypes.
+    config.train.prototype_b1 = 0.5  # Adam b1 of the prototypes.
+    config.train.prototype_b2 = 0.999  # Adam b2 of the prototypes.
+    config.train.num_prototype_steps = (
+        8  # Prototype Adam steps per iteration (descriptors computed once).
+    )
+    config.train.alternate = (
+        True  # False: ablation, prototypes trained jointly in the encoder step.
+    )
+    config.train.scale_lr_by_devices = (
+        False  # The reference scaled both lrs by the number of workers.
+    )
+    config.train.log_every = 50  # Steps between metric writes.
+    config.train.image_every = 1000  # Steps between image summaries.
+    config.train.checkpoint_every = (
+        1000  # Steps between checkpoints (one is also written at the end).
+    )
+    config.train.max_to_keep = 3  # Checkpoints kept.
+    return config
