@@ -1,0 +1,110 @@
+"""Meaning of the prototype ops: k-means loss, counts, mixture, sliced Wasserstein."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tusk_jax import ops
+
+
+def unit(x):
+    return np.asarray(x, np.float32) / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_sliced_wasserstein_zero_for_identical_and_permutation_invariant():
+    key_x, key_y, key_d, key_p = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = jax.random.normal(key_x, (32, 8))
+    y = jax.random.normal(key_y, (32, 8))
+    directions = ops.random_directions(key_d, 8, 50)
+    assert float(ops.sliced_wasserstein(x, x, directions)) == 0.0
+    permuted = jax.random.permutation(key_p, x)
+    assert float(ops.sliced_wasserstein(x, permuted, directions)) == 0.0
+    distance = float(ops.sliced_wasserstein(x, y, directions))
+    assert distance > 0.1
+    assert float(ops.sliced_wasserstein(permuted, y[::-1], directions)) == pytest.approx(distance)
+
+
+def test_sliced_wasserstein_known_value_for_a_shift():
+    # Shifting a set by s along the only direction costs s^2.
+    x = jnp.arange(5.0)[:, None]
+    assert float(ops.sliced_wasserstein(x, x + 2.0, jnp.ones((1, 1)))) == pytest.approx(4.0)
+
+
+def test_random_directions_unit_norm():
+    d = ops.random_directions(jax.random.PRNGKey(0), 6, 100)
+    np.testing.assert_allclose(jnp.linalg.norm(d, axis=0), 1.0, rtol=1e-5)
+
+
+def test_prototype_counts_sum_and_favour_owner():
+    prototypes = jnp.asarray(np.eye(4, 8, dtype=np.float32))
+    noise = 0.01 * np.random.default_rng(0).normal(size=(30, 8))
+    descriptors = jnp.asarray(unit(np.eye(4, 8)[np.zeros(30, int)] + noise))  # all near proto 0
+    counts = np.asarray(ops.prototype_counts(descriptors, prototypes))
+    assert counts.dtype == np.int32 and counts.sum() == 30 and np.all(counts >= 0)
+    assert counts[0] == counts.max() and counts[0] > 30 / 4
+    # Hand value: r = (30, 0, 0, 0), s = (~0, 1, 1, 1), a = var(s) ~ 3/16.
+    a = np.var([0.0, 1.0, 1.0, 1.0])
+    weight = np.array([30.0, 0, 0, 0]) + 30 * (0.01 + a)
+    expected = np.floor(weight / weight.sum() * 30).astype(int)
+    expected[-1] += 30 - expected.sum()
+    np.testing.assert_array_equal(counts, expected)
+
+
+def test_prototype_counts_balanced_when_descriptors_are_balanced():
+    prototypes = jnp.asarray(np.eye(3, 3, dtype=np.float32))
+    descriptors = jnp.asarray(np.eye(3, 3, dtype=np.float32)[np.repeat(np.arange(3), 4)])
+    np.testing.assert_array_equal(ops.prototype_counts(descriptors, prototypes), [4, 4, 4])
+
+
+def test_mixture_sample_shape_and_location():
+    prototypes = jnp.asarray(np.eye(3, 5, dtype=np.float32) * 3.0)  # normalised inside
+    counts = jnp.array([2, 0, 5], jnp.int32)
+    sample = np.asarray(ops.sample_prototype_mixture(jax.random.PRNGKey(0), prototypes, counts, 7))
+    assert sample.shape == (7, 5)
+    np.testing.assert_allclose(np.linalg.norm(sample, axis=1), 1.0, rtol=1e-5)
+    nearest = np.argmax(sample @ np.eye(3, 5).T, axis=1)
+    np.testing.assert_array_equal(nearest, [0, 0, 2, 2, 2, 2, 2])
+    assert np.all(np.max(sample @ np.eye(3, 5).T, axis=1) > 0.99)  # noise std 0.02
+
+
+def test_kmeans_loss_near_zero_on_prototypes_and_larger_between():
+    prototypes = jnp.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    on = prototypes[jnp.array([0, 1, 2, 3, 0, 2])]
+    assert float(ops.kmeans_loss(on, prototypes)) < 1e-6
+    between = jnp.asarray(unit([[1.0, 1.0], [-1.0, 1.0]]))
+    assert float(ops.kmeans_loss(between, prototypes)) > 0.5
+
+
+def test_sliced_wasserstein_loss_gradients_and_decrease():
+    descriptors = jnp.asarray(unit(np.random.default_rng(1).normal(size=(40, 6))))
+    prototypes = jax.random.normal(jax.random.PRNGKey(2), (5, 6))
+    loss_and_grad = jax.jit(jax.value_and_grad(ops.sliced_wasserstein_loss, argnums=2))
+    key = jax.random.PRNGKey(3)
+    loss0, grad = loss_and_grad(key, descriptors, prototypes)
+    assert np.all(np.isfinite(grad)) and np.any(grad != 0)
+    for _ in range(50):  # plain gradient descent on the prototypes lowers the loss
+        _, grad = loss_and_grad(key, descriptors, prototypes)
+        prototypes = prototypes - 0.5 * grad
+    assert float(loss_and_grad(key, descriptors, prototypes)[0]) < float(loss0)
+
+
+def test_kmeans_gradient_finite_nonzero():
+    descriptors = jnp.asarray(unit(np.random.default_rng(0).normal(size=(10, 4))))
+    prototypes = jax.random.normal(jax.random.PRNGKey(0), (3, 4))
+    grads = jax.grad(ops.kmeans_loss, argnums=(0, 1))(descriptors, prototypes)
+    for g in grads:
+        assert np.all(np.isfinite(g)) and np.any(g != 0)
+
+
+def test_bad_inputs_named():
+    with pytest.raises(ValueError, match="share C"):
+        ops.kmeans_loss(jnp.zeros((4, 3)), jnp.zeros((2, 5)))
+    with pytest.raises(ValueError, match="x and y"):
+        ops.sliced_wasserstein(jnp.zeros((4, 3)), jnp.zeros((5, 3)), jnp.ones((3, 2)))
+    with pytest.raises(ValueError, match="directions"):
+        ops.sliced_wasserstein(jnp.zeros((4, 3)), jnp.zeros((4, 3)), jnp.ones((2, 2)))
+    with pytest.raises(ValueError, match="counts"):
+        ops.sample_prototype_mixture(jax.random.PRNGKey(0), jnp.ones((3, 2)), jnp.ones(2), 4)
+    with pytest.raises(ValueError, match="num_projections"):
+        ops.sliced_wasserstein_loss(jax.random.PRNGKey(0), jnp.ones((4, 2)), jnp.ones((2, 2)), 0)

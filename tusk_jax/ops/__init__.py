@@ -1,0 +1,64 @@
+"""Pure single-example keypoint ops (SPEC section 7), batched by callers with `jax.vmap`.
+
+- `keypoints`: NMS, top-K peaks, patch soft-argmax, `detect_keypoints`.
+- `sampling`: bilinear interpolation and Gaussian splatting.
+- `warps`: thin-plate-spline warps, `warp` and the TPS training pair.
+- `prototypes`: k-means cluster loss, prototype mixture, sliced Wasserstein.
+"""
+
+from tusk_jax.ops.keypoints import (
+    detect_keypoints,
+    non_max_suppression,
+    soft_argmax_refine,
+    top_k_peaks,
+)
+from tusk_jax.ops.prototypes import (
+    kmeans_loss,
+    l2_normalize,
+    nearest_prototype,
+    prototype_counts,
+    random_directions,
+    sample_prototype_mixture,
+    sliced_wasserstein,
+    sliced_wasserstein_loss,
+)
+from tusk_jax.ops.sampling import bilinear_sample, gaussian_splat
+from tusk_jax.ops.warps import (
+    MILD_TPS,
+    identity_grid,
+    make_training_pair,
+    normalised_to_pixel,
+    pixel_to_normalised,
+    random_tps,
+    tps_sampling_grid,
+    tps_transform,
+    warp,
+    warp_padded,
+)
+
+__all__ = [
+    "MILD_TPS",
+    "bilinear_sample",
+    "detect_keypoints",
+    "gaussian_splat",
+    "identity_grid",
+    "kmeans_loss",
+    "l2_normalize",
+    "make_training_pair",
+    "nearest_prototype",
+    "non_max_suppression",
+    "normalised_to_pixel",
+    "pixel_to_normalised",
+    "prototype_counts",
+    "random_directions",
+    "random_tps",
+    "sample_prototype_mixture",
+    "sliced_wasserstein",
+    "sliced_wasserstein_loss",
+    "soft_argmax_refine",
+    "tps_sampling_grid",
+    "tps_transform",
+    "top_k_peaks",
+    "warp",
+    "warp_padded",
+]

@@ -1,0 +1,200 @@
+"""Prototype clustering: the k-means cluster loss and the sliced-Wasserstein
+prototype loss with its Gaussian-mixture target (SPEC section 3).
+
+Descriptors are `[N, C]` (N keypoints of a batch, flattened); prototypes are
+`[M, C]` and are L2-normalised wherever they are used.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from tusk_jax.ops import _checks
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """x / max(|x|, eps) along `axis` (safe at 0, finite gradient)."""
+    norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+def _check_pair(descriptors: jax.Array, prototypes: jax.Array) -> None:
+    _checks.check_rank("descriptors", descriptors, 2)
+    _checks.check_rank("prototypes", prototypes, 2)
+    if descriptors.shape[1] != prototypes.shape[1]:
+        raise ValueError(
+            f"descriptors [N, C] and prototypes [M, C] must share C, got "
+            f"{descriptors.shape} and {prototypes.shape}."
+        )
+
+
+def _squared_distances(descriptors: jax.Array, prototypes: jax.Array) -> jax.Array:
+    """`[N, M]` squared L2 distances (summed over channels)."""
+    return jnp.sum((descriptors[:, None, :] - prototypes[None, :, :]) ** 2, axis=-1)
+
+
+def nearest_prototype(descriptors: jax.Array, prototypes: jax.Array) -> jax.Array:
+    """int32 `[N]` index of each descriptor's nearest (L2-normalised) prototype."""
+    _check_pair(descriptors, prototypes)
+    distances = _squared_distances(descriptors, l2_normalize(prototypes))
+    return jnp.argmin(distances, axis=1).astype(jnp.int32)
+
+
+def kmeans_loss(
+    descriptors: jax.Array, prototypes: jax.Array, temperature: float = 20.0
+) -> jax.Array:
+    """The cluster loss L_km: descriptors pulled toward their soft-nearest prototype.
+
+    d_ij = mean over channels of (D_i - P_j)^2, q_ij = softmin_j(temperature
+    d_ij), L = -mean_i log max_j q_ij. Zero when every descriptor sits on a
+    prototype that is far from all the others.
+
+    Args:
+      descriptors: `[N, C]`.
+      prototypes: `[M, C]` (normalised here).
+      temperature: softmin sharpness.
+
+    Returns:
+      scalar loss >= 0.
+    """
+    _check_pair(descriptors, prototypes)
+    channels = descriptors.shape[1]
+    logits = -temperature * _squared_distances(descriptors, l2_normalize(prototypes)) / channels
+    # -log max_j softmax_j(logits) = logsumexp(logits) - max(logits): stable form.
+    return jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.max(logits, axis=1))
+
+
+def prototype_counts(descriptors: jax.Array, prototypes: jax.Array) -> jax.Array:
+    """How many of the N mixture samples each prototype gets (SPEC section 3).
+
+    Each descriptor is assigned to its nearest prototype; r_m is the count of
+    prototype m and s_m the mean squared L2 deviation of its descriptors from
+    it (1 where it has none); a is the variance of the s_m over m. Weights
+    r_m + N (0.01 + a), normalised, give floor(weight_m N) samples, the
+    remainder going to the last prototype. Not differentiable (integer).
+
+    Args:
+      descriptors: `[N, C]`.
+      prototypes: `[M, C]` (normalised here).
+
+    Returns:
+      int32 `[M]`, non-negative, summing to N.
+    """
+    _check_pair(descriptors, prototypes)
+    descriptors = jax.lax.stop_gradient(descriptors)
+    prototypes = l2_normalize(jax.lax.stop_gradient(prototypes))
+    n, m = descriptors.shape[0], prototypes.shape[0]
+    distances = _squared_distances(descriptors, prototypes)  # [N, M]
+    owner = jax.nn.one_hot(jnp.argmin(distances, axis=1), m, dtype=descriptors.dtype)  # [N, M]
+    count = jnp.sum(owner, axis=0)
+    spread = jnp.where(count > 0, jnp.sum(owner * distances, axis=0) / jnp.maximum(count, 1.0), 1.0)
+    weight = count + n * (0.01 + jnp.var(spread))
+    weight = weight / jnp.sum(weight)
+    counts = jnp.floor(weight * n).astype(jnp.int32)
+    return counts.at[-1].add(n - jnp.sum(counts))
+
+
+def sample_prototype_mixture(
+    key: jax.Array,
+    prototypes: jax.Array,
+    counts: jax.Array,
+    num_samples: int,
+    noise_std: float = 0.02,
+) -> jax.Array:
+    """`num_samples` points from the prototype mixture, with static shapes.
+
+    Prototype m is repeated `counts[m]` times (no Python loop over
+    prototypes: one `jnp.repeat` with a static total length), Gaussian noise
+    of std `noise_std` is added and each point is L2-normalised.
+    Differentiable w.r.t. `prototypes`.
+
+    Args:
+      key: a `jax.random` key.
+      prototypes: `[M, C]` (normalised here).
+      counts: int `[M]` summing to `num_samples` (`prototype_counts`); may be traced.
+      num_samples: N, a Python int.
+      noise_std: standard deviation of each mixture component.
+
+    Returns:
+      `[N, C]` unit-norm points, grouped by prototype (prototype 0 first).
+    """
+    _checks.check_rank("prototypes", prototypes, 2)
+    _checks.check_rank("counts", counts, 1)
+    if counts.shape[0] != prototypes.shape[0]:
+        raise ValueError(
+            f"counts must have one entry per prototype ({prototypes.shape[0]}), "
+            f"got shape {counts.shape}."
+        )
+    _checks.check_positive("num_samples", num_samples)
+    component = jnp.repeat(jnp.arange(prototypes.shape[0]), counts, total_repeat_length=num_samples)
+    centres = l2_normalize(prototypes)[component]
+    noise = noise_std * jax.random.normal(key, centres.shape, centres.dtype)
+    return l2_normalize(centres + noise)
+
+
+def sliced_wasserstein(x: jax.Array, y: jax.Array, directions: jax.Array) -> jax.Array:
+    """Sliced Wasserstein distance between two equal-size point sets.
+
+    Both sets are projected on each direction and sorted; the distance is the
+    mean over the N sorted positions of the sum over directions of the
+    squared difference. 0 for identical sets, invariant to the order of
+    either set.
+
+    Args:
+      x, y: `[N, C]` point sets.
+      directions: `[C, P]` projection directions (columns, usually unit norm).
+
+    Returns:
+      scalar >= 0.
+    """
+    _checks.check_rank("x", x, 2)
+    _checks.check_rank("y", y, 2)
+    _checks.check_rank("directions", directions, 2)
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have one shape [N, C], got {x.shape} and {y.shape}.")
+    if directions.shape[0] != x.shape[1]:
+        raise ValueError(
+            f"directions must be [C, P] with C = {x.shape[1]}, got shape {directions.shape}."
+        )
+    x_sorted = jnp.sort(x @ directions, axis=0)
+    y_sorted = jnp.sort(y @ directions, axis=0)
+    return jnp.mean(jnp.sum((x_sorted - y_sorted) ** 2, axis=1))
+
+
+def random_directions(key: jax.Array, channels: int, num_projections: int) -> jax.Array:
+    """`[C, P]` directions drawn uniformly on the unit sphere."""
+    return l2_normalize(jax.random.normal(key, (channels, num_projections)), axis=0)
+
+
+def sliced_wasserstein_loss(
+    key: jax.Array,
+    descriptors: jax.Array,
+    prototypes: jax.Array,
+    num_projections: int = 100,
+    noise_std: float = 0.02,
+) -> jax.Array:
+    """The prototype loss L_sw: descriptors vs. a sample of the prototype mixture.
+
+    The mixture's component sizes come from `prototype_counts` (no gradient);
+    N points are sampled from it (`sample_prototype_mixture`) and compared to
+    the descriptors with `sliced_wasserstein` on `num_projections` random unit
+    directions. Differentiable w.r.t. `prototypes` and `descriptors`.
+
+    Args:
+      key: a `jax.random` key.
+      descriptors: `[N, C]` (usually unit norm).
+      prototypes: `[M, C]` (normalised here).
+      num_projections: number of random directions P.
+      noise_std: std of each mixture component.
+
+    Returns:
+      scalar >= 0.
+    """
+    _check_pair(descriptors, prototypes)
+    _checks.check_positive("num_projections", num_projections)
+    key_sample, key_directions = jax.random.split(key)
+    counts = prototype_counts(descriptors, prototypes)
+    target = sample_prototype_mixture(
+        key_sample, prototypes, counts, descriptors.shape[0], noise_std
+    )
+    directions = random_directions(key_directions, descriptors.shape[1], num_projections)
+    return sliced_wasserstein(descriptors, target, directions)
