@@ -37,6 +37,7 @@ import numpy as np
 import scipy.optimize
 import sklearn.metrics
 from absl import logging
+from numpy.typing import ArrayLike
 
 # Left/right joint pairs (left index, right index) of the 32-joint Human3.6M
 # skeleton in its original order (0 hip, 1-5 right leg: hip, knee, ankle, ball,
@@ -98,7 +99,7 @@ def _check_same_shape(**arrays: np.ndarray) -> None:
 # ----------------------------------------------------------------------------
 
 
-def object_ids_from_alpha(alpha) -> np.ndarray:
+def object_ids_from_alpha(alpha: ArrayLike) -> np.ndarray:
     """Predicted object id of each pixel: argmax over keypoints of the alpha maps.
 
     Args:
@@ -113,7 +114,9 @@ def object_ids_from_alpha(alpha) -> np.ndarray:
     return np.argmax(alpha, axis=1)
 
 
-def contingency_tables(labels_true, labels_pred, weights=None) -> np.ndarray:
+def contingency_tables(
+    labels_true: ArrayLike, labels_pred: ArrayLike, weights: ArrayLike | None = None
+) -> np.ndarray:
     """Per-row contingency tables of two labelings, all rows at once.
 
     Args:
@@ -146,7 +149,7 @@ def contingency_tables(labels_true, labels_pred, weights=None) -> np.ndarray:
     return counts.reshape(b, t, p).astype(np.int64)
 
 
-def adjusted_rand_index_from_contingency(contingency) -> np.ndarray:
+def adjusted_rand_index_from_contingency(contingency: ArrayLike) -> np.ndarray:
     """Adjusted Rand index of each row of `[B, T, P]` contingency tables.
 
     The pair-counting form of `sklearn.metrics.adjusted_rand_score` (through
@@ -179,7 +182,9 @@ def adjusted_rand_index_from_contingency(contingency) -> np.ndarray:
     return np.where(agree, 1.0, 2.0 * (tp * tn - fn * fp) / safe)
 
 
-def adjusted_rand_index(labels_true, labels_pred, weights=None) -> np.ndarray:
+def adjusted_rand_index(
+    labels_true: ArrayLike, labels_pred: ArrayLike, weights: ArrayLike | None = None
+) -> np.ndarray:
     """Adjusted Rand index per row, equal to `sklearn.metrics.adjusted_rand_score`.
 
     Args:
@@ -198,7 +203,7 @@ def adjusted_rand_index(labels_true, labels_pred, weights=None) -> np.ndarray:
 
 
 def segmentation_ari(
-    gt_mask, pred_ids, *, foreground_only: bool = True
+    gt_mask: ArrayLike, pred_ids: ArrayLike, *, foreground_only: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """ARI-FG (default) or ARI with background, per image (SPEC section 6).
 
@@ -236,12 +241,12 @@ def segmentation_ari(
 
 
 def match_keypoints_to_objects(
-    alpha,
-    gt_mask,
+    alpha: ArrayLike,
+    gt_mask: ArrayLike,
     *,
     alpha_threshold: float = 0.8,
     overlap_threshold: float = 0.5,
-    visibility=None,
+    visibility: ArrayLike | None = None,
 ) -> np.ndarray:
     """Ground-truth object covering each keypoint's alpha mask (SPEC section 6).
 
@@ -291,7 +296,13 @@ def match_keypoints_to_objects(
     return np.where(matched, best, -1).astype(np.int64)
 
 
-def label_counts(matched_ids, prototype_ids, labels, num_prototypes: int, num_labels: int):
+def label_counts(
+    matched_ids: ArrayLike,
+    prototype_ids: ArrayLike,
+    labels: ArrayLike,
+    num_prototypes: int,
+    num_labels: int,
+) -> np.ndarray:
     """Counts of (prototype, ground-truth label) over the matched keypoints.
 
     Used for the attribute classification (labels = one attribute of the
@@ -330,7 +341,7 @@ def label_counts(matched_ids, prototype_ids, labels, num_prototypes: int, num_la
     return counts.reshape(num_prototypes, num_labels).astype(np.int64)
 
 
-def majority_mapping(counts) -> np.ndarray:
+def majority_mapping(counts: ArrayLike) -> np.ndarray:
     """Each prototype's majority label from `[M, V]` counts.
 
     Returns:
@@ -342,7 +353,7 @@ def majority_mapping(counts) -> np.ndarray:
     return np.where(counts.sum(axis=1) > 0, np.argmax(counts, axis=1), -1).astype(np.int64)
 
 
-def hungarian_mapping(counts) -> np.ndarray:
+def hungarian_mapping(counts: ArrayLike) -> np.ndarray:
     """One-to-one prototype -> label assignment maximising the correct count.
 
     `scipy.optimize.linear_sum_assignment` on `[M, V]` counts (maximise). With
@@ -360,7 +371,7 @@ def hungarian_mapping(counts) -> np.ndarray:
     return mapping
 
 
-def mapped_correct(counts, mapping) -> int:
+def mapped_correct(counts: ArrayLike, mapping: ArrayLike) -> int:
     """Number of counted items whose prototype maps to their label."""
     counts = np.asarray(counts)
     mapping = np.asarray(mapping)
@@ -369,7 +380,7 @@ def mapped_correct(counts, mapping) -> int:
     return int(counts[rows, mapping[assigned]].sum())
 
 
-def majority_accuracy(counts) -> float:
+def majority_accuracy(counts: ArrayLike) -> float:
     """Attribute accuracy: sum over prototypes of the majority count / all counts.
 
     Args:
@@ -391,7 +402,7 @@ def majority_accuracy(counts) -> float:
 # ----------------------------------------------------------------------------
 
 
-def box_iou(points_a, points_b, box_size: float = 20.0) -> np.ndarray:
+def box_iou(points_a: ArrayLike, points_b: ArrayLike, box_size: float = 20.0) -> np.ndarray:
     """IoU of axis-aligned `box_size` x `box_size` squares centred at points.
 
     Args:
@@ -414,9 +425,9 @@ def box_iou(points_a, points_b, box_size: float = 20.0) -> np.ndarray:
 
 
 def match_detections(
-    keypoints,
-    centers,
-    gt_valid=None,
+    keypoints: ArrayLike,
+    centers: ArrayLike,
+    gt_valid: ArrayLike | None = None,
     *,
     box_size: float = 20.0,
     iou_threshold: float = 0.5,
@@ -465,10 +476,10 @@ def match_detections(
 
 
 def mnist_hard_counts(
-    keypoints,
-    prototype_ids,
-    centers,
-    labels,
+    keypoints: ArrayLike,
+    prototype_ids: ArrayLike,
+    centers: ArrayLike,
+    labels: ArrayLike,
     *,
     num_prototypes: int,
     num_classes: int = 10,
@@ -515,7 +526,7 @@ def mnist_hard_counts(
     }
 
 
-def mnist_hard_scores(counts, num_gt: int, num_matched: int) -> dict[str, float]:
+def mnist_hard_scores(counts: ArrayLike, num_gt: int, num_matched: int) -> dict[str, float]:
     """MNIST-Hard localisation / classification / both from summed statistics.
 
     Localisation = matched / ground truths. Classification = correctly labelled
@@ -553,7 +564,7 @@ def mnist_hard_scores(counts, num_gt: int, num_matched: int) -> dict[str, float]
 
 
 def landmark_features(
-    keypoints, prototype_ids, num_prototypes: int
+    keypoints: ArrayLike, prototype_ids: ArrayLike, num_prototypes: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The M x K x 2 regressor input of SPEC section 6, for a batch of images.
 
@@ -596,7 +607,7 @@ def landmark_features(
     return features, filled
 
 
-def regression_moments(inputs, targets) -> tuple[np.ndarray, np.ndarray]:
+def regression_moments(inputs: ArrayLike, targets: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Sufficient statistics of a least-squares fit without bias.
 
     Args:
@@ -614,7 +625,7 @@ def regression_moments(inputs, targets) -> tuple[np.ndarray, np.ndarray]:
     return x.T @ x, x.T @ y
 
 
-def solve_regression(gram, cross, ridge: float = 0.0) -> np.ndarray:
+def solve_regression(gram: ArrayLike, cross: ArrayLike, ridge: float = 0.0) -> np.ndarray:
     """Weights minimising `|X W - Y|^2 + ridge |W|^2` from `regression_moments`.
 
     Solves `(X^T X + ridge I) W = X^T Y` with `np.linalg.lstsq` (SVD), so a
@@ -639,7 +650,7 @@ def solve_regression(gram, cross, ridge: float = 0.0) -> np.ndarray:
     return np.linalg.lstsq(system, cross, rcond=None)[0]
 
 
-def fit_linear_regressor(inputs, targets, ridge: float = 0.0) -> np.ndarray:
+def fit_linear_regressor(inputs: ArrayLike, targets: ArrayLike, ridge: float = 0.0) -> np.ndarray:
     """Closed-form linear map without bias, `[N, D]` -> `[N, P]` (seed 004).
 
     Returns:
@@ -648,7 +659,9 @@ def fit_linear_regressor(inputs, targets, ridge: float = 0.0) -> np.ndarray:
     return solve_regression(*regression_moments(inputs, targets), ridge=ridge)
 
 
-def inter_ocular_distance(landmarks, eye_indices: tuple[int, int] = (0, 1)) -> np.ndarray:
+def inter_ocular_distance(
+    landmarks: ArrayLike, eye_indices: tuple[int, int] = (0, 1)
+) -> np.ndarray:
     """Distance between the two eye landmarks (CelebA/MAFL: landmarks 0 and 1).
 
     Args:
@@ -664,7 +677,9 @@ def inter_ocular_distance(landmarks, eye_indices: tuple[int, int] = (0, 1)) -> n
 
 
 def swap_left_right(
-    landmarks, swap, pairs: Sequence[tuple[int, int]] = H36M_32_LEFT_RIGHT_PAIRS
+    landmarks: ArrayLike,
+    swap: ArrayLike,
+    pairs: Sequence[tuple[int, int]] = H36M_32_LEFT_RIGHT_PAIRS,
 ) -> np.ndarray:
     """Exchanges left and right joint labels on the images where `swap` is True.
 
@@ -696,7 +711,9 @@ def swap_left_right(
     return np.where(swap[:, None, None], landmarks[:, permutation], landmarks)
 
 
-def normalized_point_error(prediction, target, normalizer, valid=None) -> np.ndarray:
+def normalized_point_error(
+    prediction: ArrayLike, target: ArrayLike, normalizer: ArrayLike, valid: ArrayLike | None = None
+) -> np.ndarray:
     """Per-image mean Euclidean distance between point sets / a normaliser.
 
     Args:
@@ -728,7 +745,7 @@ def normalized_point_error(prediction, target, normalizer, valid=None) -> np.nda
     return mean / normalizer
 
 
-def ced_curve(errors, thresholds=DEFAULT_CED_THRESHOLDS) -> np.ndarray:
+def ced_curve(errors: ArrayLike, thresholds: ArrayLike = DEFAULT_CED_THRESHOLDS) -> np.ndarray:
     """Cumulative error distribution: fraction of images with error <= threshold.
 
     Args:
@@ -745,7 +762,7 @@ def ced_curve(errors, thresholds=DEFAULT_CED_THRESHOLDS) -> np.ndarray:
     return np.searchsorted(errors, thresholds, side="right") / errors.size
 
 
-def nearest_landmark_ids(keypoints, landmarks) -> np.ndarray:
+def nearest_landmark_ids(keypoints: ArrayLike, landmarks: ArrayLike) -> np.ndarray:
     """Index of the nearest ground-truth landmark of each keypoint.
 
     Args:
@@ -761,7 +778,9 @@ def nearest_landmark_ids(keypoints, landmarks) -> np.ndarray:
     return np.argmin(d2, axis=2)
 
 
-def landmark_prototype_counts(keypoints, prototype_ids, landmarks, num_prototypes: int):
+def landmark_prototype_counts(
+    keypoints: ArrayLike, prototype_ids: ArrayLike, landmarks: ArrayLike, num_prototypes: int
+) -> np.ndarray:
     """Counts of (nearest ground-truth landmark, prototype) over keypoints.
 
     Args:
@@ -788,7 +807,7 @@ def landmark_prototype_counts(keypoints, prototype_ids, landmarks, num_prototype
     return counts.reshape(t, num_prototypes).astype(np.int64)
 
 
-def nmi_from_counts(counts) -> float:
+def nmi_from_counts(counts: ArrayLike) -> float:
     """Normalised mutual information from a `[T, M]` (label, cluster) count table.
 
     Expands the counts to label pairs and calls
@@ -827,21 +846,21 @@ class LandmarkRegressionResult:
 
 
 def evaluate_landmark_regression(
-    train_keypoints,
-    train_prototype_ids,
-    train_landmarks,
-    test_keypoints,
-    test_prototype_ids,
-    test_landmarks,
+    train_keypoints: ArrayLike,
+    train_prototype_ids: ArrayLike,
+    train_landmarks: ArrayLike,
+    test_keypoints: ArrayLike,
+    test_prototype_ids: ArrayLike,
+    test_landmarks: ArrayLike,
     *,
     num_prototypes: int,
     normalizer: str | float = "inter_ocular",
     eye_indices: tuple[int, int] = (0, 1),
-    train_back_facing=None,
-    test_back_facing=None,
+    train_back_facing: ArrayLike | None = None,
+    test_back_facing: ArrayLike | None = None,
     left_right_pairs: Sequence[tuple[int, int]] | None = None,
     ridge: float = 0.0,
-    ced_thresholds=DEFAULT_CED_THRESHOLDS,
+    ced_thresholds: ArrayLike = DEFAULT_CED_THRESHOLDS,
     chunk_size: int = 4096,
 ) -> LandmarkRegressionResult:
     """The landmark regression protocol (SPEC section 6, seeds 003 and 004).

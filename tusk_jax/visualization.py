@@ -16,13 +16,14 @@ import numpy as np
 import sklearn.manifold
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from numpy.typing import ArrayLike
 from PIL import Image
 
 # Colour of the 1-pixel ring drawn around each keypoint marker.
 _OUTLINE = np.array([0.0, 0.0, 0.0])
 
 
-def to_uint8(image) -> np.ndarray:
+def to_uint8(image: ArrayLike) -> np.ndarray:
     """Converts an image to uint8: float in [0, 1] (clipped) or bool -> 0..255.
 
     Args:
@@ -71,7 +72,7 @@ def prototype_palette(num_colors: int) -> np.ndarray:
     return np.asarray(colors, dtype=np.float64)
 
 
-def mask_to_rgb(mask, num_ids: int, background: int | None = None) -> np.ndarray:
+def mask_to_rgb(mask: ArrayLike, num_ids: int, background: int | None = None) -> np.ndarray:
     """Colours an integer id map with `prototype_palette(num_ids)`.
 
     Args:
@@ -96,11 +97,11 @@ def mask_to_rgb(mask, num_ids: int, background: int | None = None) -> np.ndarray
 
 
 def draw_keypoints(
-    image,
-    keypoints,
-    prototype_ids,
+    image: ArrayLike,
+    keypoints: ArrayLike,
+    prototype_ids: ArrayLike,
     num_prototypes: int,
-    confidence=None,
+    confidence: ArrayLike | None = None,
     scale: int = 4,
     radius: float | None = None,
 ) -> np.ndarray:
@@ -173,7 +174,7 @@ def draw_keypoints(
     return to_uint8(canvas)
 
 
-def image_grid(images, ncols: int, pad: int = 0, pad_value: float = 1.0) -> np.ndarray:
+def image_grid(images: ArrayLike, ncols: int, pad: int = 0, pad_value: float = 1.0) -> np.ndarray:
     """Tiles N equally sized images row by row into one montage.
 
     Image i goes to row `i // ncols`, column `i % ncols`; its top-left corner is
@@ -214,7 +215,7 @@ def image_grid(images, ncols: int, pad: int = 0, pad_value: float = 1.0) -> np.n
     return out
 
 
-def alpha_panel(rgb, alpha, pad: int = 1) -> np.ndarray:
+def alpha_panel(rgb: ArrayLike, alpha: ArrayLike, pad: int = 1) -> np.ndarray:
     """The alpha-mode decoder's output for one image as a 2-row grid.
 
     Top row: the K per-keypoint RGB images, then the reconstruction
@@ -250,7 +251,7 @@ def alpha_panel(rgb, alpha, pad: int = 1) -> np.ndarray:
     return image_grid(tiles, ncols=k + 1, pad=pad)
 
 
-def save_png(path: str, image) -> None:
+def save_png(path: str, image: ArrayLike) -> None:
     """Writes an image (see `to_uint8`) to a PNG file, creating parent folders.
 
     Args:
@@ -276,9 +277,9 @@ def figure_to_array(figure: Figure) -> np.ndarray:
 
 
 def tsne_figure(
-    descriptors,
-    prototypes,
-    labels=None,
+    descriptors: ArrayLike,
+    prototypes: ArrayLike,
+    labels: ArrayLike | None = None,
     seed: int = 0,
     perplexity: float = 30.0,
     normalize: bool = True,
