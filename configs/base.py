@@ -19,36 +19,30 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # ---- Data (tusk_jax/datasets, tusk_jax/input_pipeline.py) ----
     config.dataset = ml_collections.ConfigDict()
-    config.dataset.name = (
-        "tetrominoes"  # mnist_hard | tetrominoes | clevr6 | clevr10 | celeba_wild | h36m
-    )
+    # mnist_hard | tetrominoes | clevr6 | clevr10 | celeba_wild | h36m
+    config.dataset.name = "tetrominoes"
     config.dataset.data_dir = ml_collections.FieldReference(
         None, field_type=str
     )  # tfds data dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
     config.dataset.manual_dir = ml_collections.FieldReference(
         None, field_type=str
     )  # Folder holding the real downloaded files; None: <data_dir>/downloads/manual.
-    config.dataset.source = (
-        "auto"  # auto: real files if present, else the embedded generator | real | procedural.
-    )
-    config.dataset.image_size = (
-        112  # Training resolution (square, pixels) after the SPEC 5 preprocessing.
-    )
-    config.dataset.num_train = (
-        50_000  # Procedural sources only: number of training scenes to generate.
-    )
+    # auto: real files if present, else the embedded generator | real | procedural.
+    config.dataset.source = "auto"
+    # Training resolution (square, pixels) after the SPEC 5 preprocessing.
+    config.dataset.image_size = 112
+    # Procedural sources only: number of training scenes to generate.
+    config.dataset.num_train = 50_000
     config.dataset.num_test = 10_000  # Procedural sources only: number of test scenes to generate.
-    config.dataset.num_objects = (
-        3  # Procedural sources only: objects per scene (tetrominoes pieces; mnist_hard digits).
-    )
+    # Procedural sources only: objects per scene (tetrominoes pieces; mnist_hard digits).
+    config.dataset.num_objects = 3
     config.dataset.eval_split = "test"  # Split evaluated by tusk_jax.evaluate.
     config.dataset.num_eval_examples = -1  # Examples evaluated; -1: the whole split.
 
     # ---- Model (tusk_jax/models.py, SPEC 2) ----
     config.model = ml_collections.ConfigDict()
-    config.model.base_width = (
-        32  # U-Net channels at full resolution (c; the stages use c, 2c, 4c, 8c).
-    )
+    # U-Net channels at full resolution (c; the stages use c, 2c, 4c, 8c).
+    config.model.base_width = 32
     config.model.depth = 4  # U-Net resolutions; image sides must be divisible by 2**(depth-1).
     config.model.feature_dim = 32  # Descriptor / feature-map channels C.
     config.model.num_groups = 8  # GroupNorm groups in the U-Net stages.
@@ -57,7 +51,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model.window = 27  # B: NMS and soft-argmax window (odd, pixels).
     config.model.temperature = 0.2  # tau of the patch soft-argmax weights exp(S / tau).
     config.model.splat_variance = 0.05  # v of the Gaussian splats (pixels^2).
-    config.model.decoder_mode = "alpha"  # plain: sum of splats -> RGB | alpha: one RGBA per keypoint, softmax over keypoints.
+    # plain: sum of splats -> RGB | alpha: one RGBA per keypoint, softmax over keypoints.
+    config.model.decoder_mode = "alpha"
 
     # ---- Losses (tusk_jax/losses.py, SPEC 3) ----
     config.loss = ml_collections.ConfigDict()
@@ -86,29 +81,81 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # ---- Training (tusk_jax/train.py) ----
     config.train = ml_collections.ConfigDict()
-    config.train.batch_size = (
-        38  # Global batch in PAIRS (I1, I2); SPEC/paper batch sizes count images = 2 x pairs.
-    )
-    config.train.num_steps = (
-        200_000  # Training iterations (one encoder/decoder step + its prototype steps).
-    )
+    # Global batch in PAIRS: dataset images per step, each warped into (I1, I2);
+    # the paper's Table 10 (and SPEC 5) count network images = 2 x pairs.
+    config.train.batch_size = 38
+    # Training iterations (one encoder/decoder step + its prototype steps).
+    config.train.num_steps = 200_000
     config.train.learning_rate = 1e-3  # Adam lr of encoder + decoder.
     config.train.prototype_learning_rate = 0.1  # Adam lr of the prototypes.
     config.train.prototype_b1 = 0.5  # Adam b1 of the prototypes.
     config.train.prototype_b2 = 0.999  # Adam b2 of the prototypes.
-    config.train.num_prototype_steps = (
-        8  # Prototype Adam steps per iteration (descriptors computed once).
-    )
-    config.train.alternate = (
-        True  # False: ablation, prototypes trained jointly in the encoder step.
-    )
-    config.train.scale_lr_by_devices = (
-        False  # The reference scaled both lrs by the number of workers.
-    )
+    # Prototype Adam steps per iteration (descriptors computed once).
+    config.train.num_prototype_steps = 8
+    # False: ablation, prototypes trained jointly in the encoder step.
+    config.train.alternate = True
+    # The reference scaled both lrs by the number of workers.
+    config.train.scale_lr_by_devices = False
     config.train.log_every = 50  # Steps between metric writes.
     config.train.image_every = 1000  # Steps between image summaries.
-    config.train.checkpoint_every = (
-        1000  # Steps between checkpoints (one is also written at the end).
-    )
+    # Steps between checkpoints (one is also written at the end).
+    config.train.checkpoint_every = 1000
     config.train.max_to_keep = 3  # Checkpoints kept.
+    return config
+
+
+VARIANTS = ("", "cpu", "test")
+
+
+def test_overrides(**extra) -> dict:
+    """The `:test` variant shared by all datasets: seconds on a CPU, not a useful model."""
+    overrides = {
+        "dataset.image_size": 16,
+        "dataset.num_train": 64,
+        "dataset.num_test": 16,
+        "dataset.num_eval_examples": 16,
+        "model.base_width": 8,
+        "model.depth": 3,
+        "model.feature_dim": 8,
+        "model.num_groups": 4,
+        "model.window": 5,
+        "train.batch_size": 4,
+        "train.num_steps": 4,
+        "train.num_prototype_steps": 2,
+        "train.log_every": 1,
+        "train.image_every": 2,
+        "train.checkpoint_every": 2,
+        "loss.sw_num_projections": 16,
+    }
+    overrides.update(extra)
+    return overrides
+
+
+def finalize(
+    config: ml_collections.ConfigDict,
+    variant: str | None,
+    cpu: dict | None = None,
+    test: dict | None = None,
+) -> ml_collections.ConfigDict:
+    """Applies the `:cpu` or `:test` overrides (dotted field -> value) and locks the config.
+
+    Args:
+      config: the dataset's paper configuration.
+      variant: None or '' (the paper's settings), 'cpu' or 'test'.
+      cpu, test: the variant's overrides.
+    """
+    variant = variant or ""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown config variant {variant!r}; valid: cpu, test (or none).")
+    overrides = {"": {}, "cpu": cpu or {}, "test": test or test_overrides()}[variant]
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise KeyError(f"override of unknown config field {dotted!r}")
+        node[leaf] = value
+    config.variant = variant
+    config.lock()
     return config

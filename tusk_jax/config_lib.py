@@ -1,0 +1,121 @@
+"""Config checks and the config saved beside a run's checkpoints.
+
+`validate_config` rejects, at start-up, any value that would fail later (or
+silently train the wrong thing), with a message naming the field.
+`save_config` / `load_config` keep the resolved config of a run in
+`<workdir>/config.json`, so evaluation and inference rebuild the very model
+that was trained.
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+
+from tusk_jax import models
+
+# The evaluation protocol of each dataset (SPEC section 6).
+DATASET_TASKS = {
+    "mnist_hard": "multi_instance",
+    "tetrominoes": "object_discovery",
+    "clevr6": "object_discovery",
+    "clevr10": "object_discovery",
+    "celeba_wild": "landmarks",
+    "h36m": "landmarks",
+}
+CONFIG_FILE = "config.json"
+
+
+def _fail(field: str, message: str) -> None:
+    raise ValueError(f"config {field}: {message}")
+
+
+def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+    """Raises ValueError naming the first invalid field of a training config.
+
+    Args:
+      config: the whole config (configs/base.py layout).
+      device_count: devices sharing the global batch; default `jax.device_count()`.
+    """
+    if config.dataset.name not in DATASET_TASKS:
+        _fail(
+            "dataset.name",
+            f"unknown dataset {config.dataset.name!r}; valid: {', '.join(DATASET_TASKS)}.",
+        )
+    if config.dataset.source not in ("auto", "real", "procedural"):
+        _fail("dataset.source", f"must be auto, real or procedural, got {config.dataset.source!r}.")
+    models.check_model_config(config.model)
+    models.check_image_size(
+        config.dataset.image_size, config.dataset.image_size, config.model.depth
+    )
+    if not isinstance(config.model.num_prototypes, int) or config.model.num_prototypes < 1:
+        _fail(
+            "model.num_prototypes", f"must be a positive int, got {config.model.num_prototypes!r}."
+        )
+    for field in ("temperature", "splat_variance"):
+        if config.model[field] <= 0:
+            _fail(f"model.{field}", f"must be > 0, got {config.model[field]!r}.")
+    if config.model.window > config.dataset.image_size:
+        _fail("model.window", f"{config.model.window} exceeds dataset.image_size.")
+    task = DATASET_TASKS[config.dataset.name]
+    if config.model.decoder_mode == "alpha" and task != "object_discovery":
+        _fail(
+            "model.decoder_mode",
+            f"'alpha' is for object discovery datasets; {config.dataset.name} is a {task} "
+            "dataset: use 'plain'.",
+        )
+    if config.loss.recon not in ("mse", "perceptual"):
+        _fail("loss.recon", f"must be 'mse' or 'perceptual', got {config.loss.recon!r}.")
+    if config.loss.recon == "perceptual" and not config.loss.vgg16_weights:
+        _fail(
+            "loss.vgg16_weights",
+            "loss.recon='perceptual' needs a VGG16 .npz (see python -m tusk_jax.convert_vgg16).",
+        )
+    for field in ("recon_weight", "kmeans_weight", "eqv_score_weight", "eqv_feature_weight"):
+        if config.loss[field] < 0:
+            _fail(f"loss.{field}", f"must be >= 0, got {config.loss[field]!r}.")
+    if config.loss.sw_num_projections < 1:
+        _fail("loss.sw_num_projections", "must be >= 1.")
+    if config.tps.padding not in ("reflect", "constant"):
+        _fail("tps.padding", f"must be 'reflect' or 'constant', got {config.tps.padding!r}.")
+    train = config.train
+    device_count = jax.device_count() if device_count is None else device_count
+    if train.batch_size < 1 or train.batch_size % device_count:
+        _fail(
+            "train.batch_size",
+            f"{train.batch_size} must be a positive multiple of the {device_count} devices.",
+        )
+    if train.num_prototype_steps < 0:
+        _fail("train.num_prototype_steps", "must be >= 0.")
+    if not train.alternate and train.num_prototype_steps:
+        _fail(
+            "train.num_prototype_steps",
+            "must be 0 with train.alternate=False (the joint ablation has no prototype steps).",
+        )
+    for field in ("learning_rate", "prototype_learning_rate"):
+        if train[field] <= 0:
+            _fail(f"train.{field}", f"must be > 0, got {train[field]!r}.")
+    for field in ("num_steps", "log_every", "image_every", "checkpoint_every", "max_to_keep"):
+        if train[field] < 1:
+            _fail(f"train.{field}", f"must be >= 1, got {train[field]!r}.")
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes the resolved config to `<workdir>/config.json` (atomically)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run in `workdir` was trained with (see `save_config`)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found: {workdir!r} is not a training workdir of tusk_jax.main."
+        )
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))

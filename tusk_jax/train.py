@@ -1,0 +1,452 @@
+"""Training: the state, the alternating train step and the loop (SPEC sections 3-4).
+
+`train_and_evaluate(config, workdir)` is the one entry point used by
+`python -m tusk_jax.main`, the tests and the notebooks.
+
+One iteration (`train_step`, `pmap`ped over the devices, axis 'batch'):
+  1. every image of the batch becomes a TPS pair (I1, I2) on device;
+  2. one Adam step of encoder + decoder on
+     L_recon + L_km + L_eqv with the prototypes frozen, gradients averaged
+     across devices;
+  3. the descriptors of that forward pass (no gradient, no second encoder
+     pass) are all-gathered across devices and `num_prototype_steps` Adam
+     steps of the prototypes on L_sw run in a `lax.scan`.
+Every device computes the same prototype update from the same gathered
+descriptors and the same key, so the prototypes stay identical everywhere
+without communication. With `train.alternate=False` (ablation) the
+prototypes are instead trained jointly with L_sw in the single step.
+"""
+
+import functools
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+from jax import lax
+from tqdm import tqdm
+
+from tusk_jax import (
+    checkpointing,
+    config_lib,
+    input_pipeline,
+    losses,
+    models,
+    ops,
+    perceptual,
+    summaries,
+    visualization,
+)
+
+AXIS = "batch"
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a run needs to continue; checkpointed as one pytree.
+
+    Attributes:
+      step: int32 scalar, iterations done.
+      params: flax variables `{'params': {'encoder': ..., 'decoder': ...}}`.
+      prototypes: `[M, C]` prototypes (L2-normalised wherever they are used).
+      opt_state: Adam state of encoder + decoder.
+      prototype_opt_state: Adam state of the prototypes.
+      rng: base PRNG key (uint32 `[2]`); each step folds in its step number.
+      tx, prototype_tx: the two optax transformations (not pytree leaves).
+    """
+
+    step: jax.Array
+    params: Any
+    prototypes: jax.Array
+    opt_state: Any
+    prototype_opt_state: Any
+    rng: jax.Array
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    prototype_tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+def make_optimizers(
+    config: ml_collections.ConfigDict, device_count: int | None = None
+) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    """Adam for encoder + decoder and Adam(b1=0.5) for the prototypes (SPEC 3)."""
+    scale = 1.0
+    if config.train.scale_lr_by_devices:
+        scale = float(jax.device_count() if device_count is None else device_count)
+    tx = optax.adam(config.train.learning_rate * scale)
+    prototype_tx = optax.adam(
+        config.train.prototype_learning_rate * scale,
+        b1=config.train.prototype_b1,
+        b2=config.train.prototype_b2,
+    )
+    return tx, prototype_tx
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: models.TUSK) -> TrainState:
+    """Initial state: network parameters, prototypes ~ N(0, 1), fresh optimizers."""
+    rng = jax.random.PRNGKey(config.seed)
+    key_params, key_prototypes, key_train = jax.random.split(rng, 3)
+    size = config.dataset.image_size
+    params = jax.jit(model.init)(key_params, jnp.zeros((1, size, size, 3), jnp.float32))
+    prototypes = jax.random.normal(
+        key_prototypes, (config.model.num_prototypes, config.model.feature_dim)
+    )
+    tx, prototype_tx = make_optimizers(config)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        prototypes=prototypes,
+        opt_state=tx.init(params),
+        prototype_opt_state=prototype_tx.init(prototypes),
+        rng=key_train,
+        tx=tx,
+        prototype_tx=prototype_tx,
+    )
+
+
+def tps_arguments(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Keyword arguments of `ops.make_training_pair` from `config.tps`."""
+    t = config.tps
+    return dict(
+        scale=t.scale,
+        scale_var=t.scale_var,
+        tps=t.tps,
+        off=t.off,
+        rot=t.rot,
+        padding=t.padding,
+        cval=t.cval,
+    )
+
+
+def train_step(
+    state: TrainState,
+    images: jax.Array,
+    vgg_params: Any,
+    *,
+    model: models.TUSK,
+    config: ml_collections.ConfigDict,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One TUSK iteration on one device's share of the batch (run under `pmap`).
+
+    Args:
+      state: the replicated `TrainState`.
+      images: `[b, H, W, 3]` float in [0, 1], this device's images; each
+        becomes one pair.
+      vgg_params: frozen VGG16 parameters for the perceptual loss, or None.
+      model, config: static, bound with `functools.partial`.
+
+    Returns:
+      `(new_state, metrics)`; metrics are averaged over devices.
+    """
+    local_batch = images.shape[0]
+    step_key = jax.random.fold_in(state.rng, state.step)
+    pair_key, prototype_key = jax.random.split(step_key)
+    # Per-example keys from the *global* example index: the pairs do not
+    # depend on how the global batch is split over devices or processes.
+    first_example = lax.axis_index(AXIS) * local_batch
+    example_keys = jax.vmap(lambda i: jax.random.fold_in(pair_key, first_example + i))(
+        jnp.arange(local_batch)
+    )
+    i1, i2, grids = jax.vmap(functools.partial(ops.make_training_pair, **tps_arguments(config)))(
+        example_keys, images
+    )
+    both = jnp.concatenate([i1, i2], axis=0)
+    weights = config.loss
+    joint = not config.train.alternate
+
+    def loss_fn(params, prototypes):
+        if not joint:
+            prototypes = lax.stop_gradient(prototypes)
+        out = model.apply(params, both)
+        terms = {
+            "recon": losses.reconstruction_loss(config, both, out["reconstruction"], vgg_params),
+            "kmeans": losses.cluster_loss(config, out["descriptors"], prototypes),
+        }
+        terms["eqv_score"], terms["eqv_feature"] = losses.equivariance_losses(
+            config,
+            out["score_map"][:local_batch],
+            out["feature_map"][:local_batch],
+            out["score_map"][local_batch:],
+            out["feature_map"][local_batch:],
+            grids,
+        )
+        total = (
+            weights.recon_weight * terms["recon"]
+            + weights.kmeans_weight * terms["kmeans"]
+            + weights.eqv_score_weight * terms["eqv_score"]
+            + weights.eqv_feature_weight * terms["eqv_feature"]
+        )
+        if joint:
+            descriptors = _gather_descriptors(out["descriptors"])
+            terms["sw"] = losses.prototype_loss(config, prototype_key, descriptors, prototypes)
+            total = total + weights.sw_weight * terms["sw"]
+        return total, (terms, out)
+
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (total, (terms, out)), (grads, prototype_grads) = grad_fn(state.params, state.prototypes)
+    grads = lax.pmean(grads, AXIS)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    descriptors = _gather_descriptors(lax.stop_gradient(out["descriptors"]))
+    prototypes, prototype_opt_state = state.prototypes, state.prototype_opt_state
+    metrics = {}
+    if joint:
+        prototype_grads = lax.pmean(prototype_grads, AXIS)
+        prototype_updates, prototype_opt_state = state.prototype_tx.update(
+            prototype_grads, prototype_opt_state, prototypes
+        )
+        prototypes = optax.apply_updates(prototypes, prototype_updates)
+        metrics["prototype_grad_norm"] = optax.global_norm(prototype_grads)
+    elif config.train.num_prototype_steps > 0:
+
+        def prototype_step(carry, index):
+            prototypes, opt_state = carry
+            loss, grad = jax.value_and_grad(
+                lambda p: (
+                    weights.sw_weight
+                    * losses.prototype_loss(
+                        config, jax.random.fold_in(prototype_key, index), descriptors, p
+                    )
+                )
+            )(prototypes)
+            updates, opt_state = state.prototype_tx.update(grad, opt_state, prototypes)
+            return (optax.apply_updates(prototypes, updates), opt_state), (
+                loss,
+                optax.global_norm(grad),
+            )
+
+        (prototypes, prototype_opt_state), (sw_losses, sw_grad_norms) = lax.scan(
+            prototype_step,
+            (prototypes, prototype_opt_state),
+            jnp.arange(config.train.num_prototype_steps),
+        )
+        terms["sw"] = sw_losses[0] / weights.sw_weight if weights.sw_weight else sw_losses[0]
+        metrics["sw_last"] = sw_losses[-1]
+        metrics["prototype_grad_norm"] = sw_grad_norms[0]
+
+    nearest = ops.nearest_prototype(descriptors, prototypes)
+    metrics.update({f"loss/{name}": value for name, value in terms.items()})
+    metrics["loss/total"] = total
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["confidence"] = jnp.mean(out["confidence"])
+    metrics = lax.pmean(metrics, AXIS)
+    # Identical on every device (computed from the gathered descriptors).
+    metrics["prototypes_in_use"] = jnp.sum(
+        jnp.bincount(nearest, length=config.model.num_prototypes) > 0
+    )
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        prototypes=prototypes,
+        opt_state=opt_state,
+        prototype_opt_state=prototype_opt_state,
+    )
+    return new_state, metrics
+
+
+def _gather_descriptors(descriptors: jax.Array) -> jax.Array:
+    """`[b, K, C]` per device -> `[N, C]` descriptors of the global batch."""
+    flat = descriptors.reshape(-1, descriptors.shape[-1])
+    return lax.all_gather(flat, AXIS, tiled=True)
+
+
+def make_p_train_step(config: ml_collections.ConfigDict, model: models.TUSK) -> Callable:
+    """`train_step` with its static arguments bound, `pmap`ped over local devices."""
+    return jax.pmap(
+        functools.partial(train_step, model=model, config=config),
+        axis_name=AXIS,
+        donate_argnums=(0,),
+    )
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss term or gradient norm became NaN or infinite."""
+
+
+def check_finite(step: int, metrics: dict[str, float]) -> None:
+    """Raises `NonFiniteError` naming the step and the first non-finite term."""
+    for name, value in metrics.items():
+        if not np.isfinite(value):
+            raise NonFiniteError(
+                f"Non-finite value at step {step}: {name} = {value}. "
+                "Lower the learning rates or check the input data; the last good "
+                "checkpoint is kept in the workdir."
+            )
+
+
+class _StopRequest:
+    """Turns SIGTERM / SIGINT into a flag the loop checks (preemption)."""
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def summary_images(
+    config: ml_collections.ConfigDict, images: np.ndarray, out: dict, prototypes: np.ndarray
+) -> dict[str, np.ndarray]:
+    """uint8 pictures of a few images: inputs with keypoints, reconstructions, alpha."""
+    num_prototypes = prototypes.shape[0]
+    ids = [
+        np.asarray(ops.nearest_prototype(jnp.asarray(d), jnp.asarray(prototypes)))
+        for d in out["descriptors"]
+    ]
+    detections = [
+        visualization.draw_keypoints(
+            images[i], out["keypoints"][i], ids[i], num_prototypes, out["confidence"][i]
+        )
+        for i in range(len(images))
+    ]
+    pictures = {
+        "detections": visualization.image_grid(np.stack(detections), ncols=len(detections)),
+        "reconstructions": visualization.image_grid(
+            np.concatenate([images, out["reconstruction"]]), ncols=len(images)
+        ),
+    }
+    if "alpha" in out:
+        pictures["alpha"] = visualization.alpha_panel(out["rgb"][0], out["alpha"][0])
+    return pictures
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (or resumes) a TUSK model in `workdir`; returns the final host state.
+
+    Restores the latest checkpoint and the input position when `workdir` has
+    one; writes metrics (`metrics.jsonl`, TensorBoard), image summaries and
+    checkpoints; stops cleanly with a checkpoint on SIGTERM / SIGINT; raises
+    `NonFiniteError` naming the step and the term when a loss goes NaN/Inf.
+    """
+    config_lib.validate_config(config)
+    workdir = os.path.abspath(workdir)
+    is_primary = jax.process_index() == 0
+    if is_primary:
+        os.makedirs(workdir, exist_ok=True)
+        config_lib.save_config(config, workdir)
+
+    model = models.TUSK(config.model)
+    state = create_train_state(config, model)
+    manager = checkpointing.create_manager(workdir, config.train.max_to_keep)
+    train_iter = input_pipeline.create_train_iterator(config)
+    restored = checkpointing.restore(manager, jax.device_get(state))
+    if restored is not None:
+        host_state, data_state, restored_step = restored
+        state = state.replace(**{f: getattr(host_state, f) for f in _PYTREE_FIELDS})
+        train_iter.set_state(data_state)
+        logging.info("Resumed from the checkpoint of step %d in %s.", restored_step, workdir)
+    start_step = int(state.step)
+
+    vgg_params = None
+    if config.loss.recon == "perceptual":
+        vgg_params = flax.jax_utils.replicate(
+            perceptual.load_vgg16_params(config.loss.vgg16_weights)
+        )
+    p_train_step = make_p_train_step(config, model)
+    apply_fn = jax.jit(model.apply)
+    replicated = flax.jax_utils.replicate(state)
+    writer = summaries.SummaryWriter(workdir)
+    num_steps = config.train.num_steps
+    pending = None  # (step, device metrics): fetched one step late, not to stall dispatch
+    accumulated: list[dict[str, float]] = []
+    last_log_time = time.time()
+
+    def consume(step, device_metrics):
+        nonlocal last_log_time
+        host = {k: float(v) for k, v in flax.jax_utils.unreplicate(device_metrics).items()}
+        check_finite(step, host)
+        accumulated.append(host)
+        if step % config.train.log_every == 0 or step == num_steps:
+            means = {k: float(np.mean([m[k] for m in accumulated])) for k in accumulated[0]}
+            now = time.time()
+            means["steps_per_second"] = len(accumulated) / max(now - last_log_time, 1e-9)
+            last_log_time = now
+            writer.write_scalars(step, means)
+            accumulated.clear()
+            bar.set_postfix(
+                recon=f"{means['loss/recon']:.4f}",
+                sw=f"{means.get('loss/sw', float('nan')):.3f}",
+                protos=int(means["prototypes_in_use"]),
+            )
+
+    def save(step, force=False):
+        host_state = jax.device_get(flax.jax_utils.unreplicate(replicated))
+        checkpointing.save(manager, step, host_state, train_iter.get_state(), force=force)
+
+    with (
+        _StopRequest() as stop,
+        tqdm(
+            total=num_steps,
+            initial=start_step,
+            desc="train",
+            disable=not is_primary,
+            dynamic_ncols=True,
+            mininterval=2.0,
+        ) as bar,
+    ):
+        step = start_step
+        try:
+            while step < num_steps and stop.signal_name is None:
+                batch = next(train_iter)
+                replicated, device_metrics = p_train_step(replicated, batch, vgg_params)
+                step += 1
+                if pending is not None:
+                    consume(*pending)
+                pending = (step, device_metrics)
+                bar.update(1)
+                if step % config.train.image_every == 0 or step == num_steps:
+                    _write_image_summaries(config, writer, step, apply_fn, replicated, batch)
+                if step % config.train.checkpoint_every == 0 and step < num_steps:
+                    save(step)
+            if pending is not None:
+                consume(*pending)
+                pending = None
+        except NonFiniteError:
+            manager.wait_until_finished()
+            writer.close()
+            raise
+        if stop.signal_name is not None:
+            logging.warning("%s received: saving step %d and stopping.", stop.signal_name, step)
+        if manager.latest_step() != step:
+            save(step, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    return jax.device_get(flax.jax_utils.unreplicate(replicated))
+
+
+_PYTREE_FIELDS = ("step", "params", "prototypes", "opt_state", "prototype_opt_state", "rng")
+
+
+def _write_image_summaries(config, writer, step, apply_fn, replicated, batch, count=4):
+    if not writer.enabled:
+        return
+    params = jax.tree.map(lambda x: x[0], replicated.params)
+    prototypes = np.asarray(replicated.prototypes[0])
+    images = np.asarray(batch[0, :count])
+    out = jax.device_get(apply_fn(params, images))
+    writer.write_images(step, summary_images(config, images, out, prototypes))
