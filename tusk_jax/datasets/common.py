@@ -131,6 +131,12 @@ class TuskBuilder(tfds.core.GeneratorBasedBuilder):
         return self._manual_dir
 
 
+def instantiate(builder_cls: type, config: tfds.core.BuilderConfig, **kwargs):
+    """`builder_cls(config=config, **kwargs)`, passing a registered config by name (tfds rule)."""
+    registered = builder_cls.builder_configs.get(config.name)
+    return builder_cls(config=config.name if registered == config else config, **kwargs)
+
+
 def uint8_tensor(shape: Sequence[int], zlib: bool = False) -> tfds.features.Tensor:
     """A uint8 Tensor feature stored as one byte string (zlib-compressed if asked)."""
     encoding = tfds.features.Encoding.ZLIB if zlib else tfds.features.Encoding.BYTES

@@ -284,8 +284,9 @@ def make_builder(config: ml_collections.ConfigDict) -> TuskMnistHard:
     d = config.dataset
 
     def builder(digits: str) -> TuskMnistHard:
-        return TuskMnistHard(
-            config=MnistHardConfig(
+        return common.instantiate(
+            TuskMnistHard,
+            MnistHardConfig(
                 name=config_name(digits, d.num_train, d.num_test, d.num_objects),
                 digits=digits,
                 num_train=d.num_train,

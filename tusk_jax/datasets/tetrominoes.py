@@ -237,9 +237,7 @@ class TuskTetrominoes(common.TuskBuilder):
 
     def _real_examples(self, path: str, start: int, stop: int):
         count = 0
-        for index, ex in enumerate(tfrecord.read_examples(path, REAL_SPEC, limit=stop)):
-            if index < start:
-                continue
+        for index, ex in tfrecord.read_examples(path, REAL_SPEC, indices=range(start, stop)):
             ex["mask"] = ex["mask"][..., 0]
             count += 1
             yield index, ex
@@ -271,8 +269,9 @@ def make_builder(config: ml_collections.ConfigDict) -> TuskTetrominoes:
     d = config.dataset
 
     def builder(source: str) -> TuskTetrominoes:
-        return TuskTetrominoes(
-            config=TetrominoesConfig(
+        return common.instantiate(
+            TuskTetrominoes,
+            TetrominoesConfig(
                 name=config_name(source, d.num_train, d.num_test, d.num_objects),
                 source=source,
                 num_train=d.num_train,

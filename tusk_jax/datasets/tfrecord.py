@@ -28,7 +28,7 @@ import gzip
 import io
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from tensorflow_datasets.proto import tf_example_generated_pb2 as example_pb2
@@ -40,6 +40,11 @@ from tensorflow_datasets.proto import tf_example_generated_pb2 as example_pb2
 # chunk of C bytes is Z^C(s) ^ XOR_j Z^(C-1-j)(TABLE[b_j]): the second term is
 # one gather + XOR-reduction per chunk, and Z^C is applied with 4 byte tables.
 # ---------------------------------------------------------------------------
+try:  # Optional accelerator (pip install google-crc32c).
+    import google_crc32c as _google_crc32c
+except ImportError:
+    _google_crc32c = None
+
 _POLY = 0x82F63B78
 _CHUNK = 4096
 
@@ -85,7 +90,18 @@ def _zero_bytes_of_init(num_bytes: int) -> int:
 
 
 def crc32c(data: bytes | bytearray | memoryview | np.ndarray) -> int:
-    """CRC-32C (Castagnoli) of `data`, as used by TFRecord; crc32c(b"123456789") = 0xE3069283."""
+    """CRC-32C (Castagnoli) of `data`, as used by TFRecord; crc32c(b"123456789") = 0xE3069283.
+
+    Uses the C package `google_crc32c` when it is installed (~GB/s), else the
+    numpy implementation below (~60 MB/s).
+    """
+    if _google_crc32c is not None:
+        return _google_crc32c.value(bytes(data) if isinstance(data, np.ndarray) else data)
+    return numpy_crc32c(data)
+
+
+def numpy_crc32c(data: bytes | bytearray | memoryview | np.ndarray) -> int:
+    """CRC-32C computed with numpy (chunked linear form, see the comment above)."""
     buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8)
     buf = buf.reshape(-1)
     contrib, shift = _chunk_tables()
@@ -126,8 +142,18 @@ def _open_maybe_gzip(path: str) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
-def read_records(path: str | os.PathLike, verify_crc: bool = True) -> Iterator[bytes]:
-    """Yields the payloads of a TFRecord file, GZIP-compressed or not (detected).
+def read_records(
+    path: str | os.PathLike, verify_crc: bool = True, indices: Container[int] | None = None
+) -> Iterator[tuple[int, bytes]]:
+    """Yields (record index, payload) of a TFRecord file, GZIP-compressed or not (detected).
+
+    Args:
+      path: the file.
+      verify_crc: check the payload CRC of every yielded record (the length
+        CRC is always checked).
+      indices: if given, only records whose index is in it are yielded (the
+        others are read past without a payload CRC check); reading stops
+        after max(indices) when `indices` is a range, list, tuple or set.
 
     Raises:
       FileNotFoundError: naming `path` when it does not exist.
@@ -137,9 +163,12 @@ def read_records(path: str | os.PathLike, verify_crc: bool = True) -> Iterator[b
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"TFRecord file not found: {path}")
+    last = None
+    if isinstance(indices, (range, list, tuple, set, frozenset)):
+        last = max(indices, default=-1)
     index = 0
     with _open_maybe_gzip(path) as f:
-        while True:
+        while last is None or index <= last:
             try:
                 header = f.read(12)
                 if not header:
@@ -151,7 +180,7 @@ def read_records(path: str | os.PathLike, verify_crc: bool = True) -> Iterator[b
                     )
                 (length,) = struct.unpack("<Q", header[:8])
                 (length_crc,) = struct.unpack("<I", header[8:])
-                if verify_crc and masked_crc32c(header[:8]) != length_crc:
+                if masked_crc32c(header[:8]) != length_crc:
                     raise ValueError(
                         f"{path}: record {index} has a corrupt length field (CRC mismatch)."
                     )
@@ -166,9 +195,10 @@ def read_records(path: str | os.PathLike, verify_crc: bool = True) -> Iterator[b
                     f"{path}: record {index} is truncated ({len(payload)} of {length} payload "
                     "bytes); the file was cut short, download it again."
                 )
-            if verify_crc and masked_crc32c(payload) != struct.unpack("<I", footer)[0]:
-                raise ValueError(f"{path}: record {index} is corrupt (payload CRC mismatch).")
-            yield payload
+            if indices is None or index in indices:
+                if verify_crc and masked_crc32c(payload) != struct.unpack("<I", footer)[0]:
+                    raise ValueError(f"{path}: record {index} is corrupt (payload CRC mismatch).")
+                yield index, payload
             index += 1
 
 
@@ -277,16 +307,15 @@ def make_example(features: Mapping[str, np.ndarray]) -> bytes:
 def read_examples(
     path: str | os.PathLike,
     spec: Mapping[str, tuple[str, Sequence[int]]],
-    limit: int | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Yields parsed examples of a TFRecord file (at most `limit`), in file order.
+    indices: Container[int] | None = None,
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Yields (record index, parsed example) of a TFRecord file in file order.
 
-    Errors name the file and the record index.
+    Only records in `indices` when given (see `read_records`). Errors name
+    the file and the record index.
     """
-    for index, payload in enumerate(read_records(path)):
-        if limit is not None and index >= limit:
-            return
+    for index, payload in read_records(path, indices=indices):
         try:
-            yield parse_example(payload, spec)
+            yield index, parse_example(payload, spec)
         except Exception as e:  # Protobuf DecodeError or a spec mismatch.
             raise ValueError(f"{os.fspath(path)}: record {index}: {e}") from e
