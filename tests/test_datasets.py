@@ -172,7 +172,7 @@ def test_tetrominoes_real_tfrecord_reader(tmp_path):
     path = tmp_path / "manual" / "tetrominoes" / tetrominoes.REAL_FILE
     tfrecord.write_records(path, _deepmind_tetrominoes(scenes, 7))
     config = _config(tmp_path, "tetrominoes", num_train=4, num_test=2, source="auto")
-    builder = datasets.prepare(config)
+    builder = datasets.prepare_dataset(config)
     assert builder.builder_config.source == "real"  # auto picks the real file.
     train = _all(builder.as_data_source(split="train"))
     test = _all(builder.as_data_source(split="test"))
@@ -185,7 +185,7 @@ def test_tetrominoes_real_tfrecord_reader(tmp_path):
     # Asking for more records than the file holds names the file.
     bigger = _config(tmp_path, "tetrominoes", num_train=6, num_test=3, source="real")
     with pytest.raises(ValueError, match=r"tetrominoes_train\.tfrecords: has only 7 records"):
-        datasets.prepare(bigger)
+        datasets.prepare_dataset(bigger)
 
 
 def test_missing_real_file_names_file_directory_and_origin(tmp_path):
@@ -206,7 +206,7 @@ def test_missing_real_file_names_file_directory_and_origin(tmp_path):
 def test_tetrominoes_procedural_configs_coexist(tmp_path):
     small = _config(tmp_path, "tetrominoes", num_train=6, num_test=3, num_objects=3)
     five = _config(tmp_path, "tetrominoes", num_train=6, num_test=3, num_objects=5)
-    a, b = datasets.prepare(small), datasets.prepare(five)
+    a, b = datasets.prepare_dataset(small), datasets.prepare_dataset(five)
     assert a.data_dir != b.data_dir
     assert a.as_data_source(split="test")[0]["mask"].shape == (4, 35, 35)
     assert b.as_data_source(split="test")[0]["mask"].shape == (6, 35, 35)
@@ -291,7 +291,7 @@ def test_mnist_hard_idx_reader_and_real_source(tmp_path):
         mnist_hard.read_idx(str(manual / "t10k-labels-idx1-ubyte")), np.arange(10)
     )
     config = _config(tmp_path, "mnist_hard", num_train=5, num_test=4, num_objects=4)
-    builder = datasets.prepare(config)
+    builder = datasets.prepare_dataset(config)
     assert builder.builder_config.digits == "idx"
     for split, value in (("train", 200), ("test", 100)):  # Test canvases: test digits only.
         for ex in _all(builder.as_data_source(split=split)):
@@ -357,7 +357,7 @@ def test_clevr_reader_splits_and_preprocessing(tmp_path):
     }
     for name, splits in expected.items():
         config = _config(tmp_path, name, num_test=2, clevr_num_records=8, image_size=96)
-        builder = datasets.prepare(config)
+        builder = datasets.prepare_dataset(config)
         for split, indices in splits.items():
             got = _all(builder.as_data_source(split=split))
             assert len(got) == len(indices)

@@ -66,8 +66,10 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     return get_module(config.dataset.name).make_builder(config)
 
 
-def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+def prepare_dataset(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """Returns the builder for `config`, generating the dataset first if it is missing.
+
+    (Named prepare_dataset because `tusk_jax.datasets.prepare` is the CLI module.)
 
     Preparation is atomic: tfds writes into `<dir>/incomplete.*` and renames
     it to its final name only when every split is written, so an interrupted
@@ -100,5 +102,5 @@ def data_source(config: ml_collections.ConfigDict, split: str):
     Prepares the dataset on first use.
     """
     check_split(config.dataset.name, split)
-    builder = prepare(config)
+    builder = prepare_dataset(config)
     return builder.as_data_source(split=split_name(config.dataset.name, split))

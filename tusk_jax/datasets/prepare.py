@@ -4,7 +4,7 @@ r"""Command line: prepare a dataset (generate or convert it into the tfds data d
   python -m tusk_jax.datasets.prepare --dataset=mnist_hard --manual_dir=~/mnist
   python -m tusk_jax.datasets.prepare --config=configs/clevr6.py --manual_dir=/data/dm
 
-This module owns the CLI only; `tusk_jax.datasets.prepare(config)` does the
+This module owns the CLI only; `tusk_jax.datasets.prepare_dataset(config)` does the
 work (and is what training calls on first use). Without --config, the base
 config plus the paper's sizes for the dataset (DATASET_DEFAULTS) are used;
 the flags below override both. Preparation is atomic: an interrupted run
@@ -98,7 +98,7 @@ def main(argv):
         image_size=_IMAGE_SIZE.value,
     )
     start = time.time()
-    builder = datasets.prepare(config)
+    builder = datasets.prepare_dataset(config)
     splits = {name: split.num_examples for name, split in builder.info.splits.items()}
     logging.info(
         "%s ready in %s (%.1f s): %s",
