@@ -186,6 +186,10 @@ def test_tetrominoes_real_tfrecord_reader(tmp_path):
     bigger = _config(tmp_path, "tetrominoes", num_train=6, num_test=3, source="real")
     with pytest.raises(ValueError, match=r"tetrominoes_train\.tfrecords: has only 7 records"):
         datasets.prepare_dataset(bigger)
+    # The failed preparation (train split written, test split failed) left nothing complete.
+    failed = datasets.get_builder(bigger)
+    assert not failed.is_prepared()
+    assert not os.path.exists(os.path.join(failed.data_dir, "dataset_info.json"))
 
 
 def test_missing_real_file_names_file_directory_and_origin(tmp_path):
@@ -491,6 +495,23 @@ def test_h36m_reader_splits_crop_and_back_facing(tmp_path):
     (root / "landmarks.csv").write_text(rows_bad + "\n")
     with pytest.raises(ValueError, match="landmarks.csv:1: expected a path and 64 numbers"):
         h36m.read_csv(str(root / "landmarks.csv"))
+
+
+def test_montage_draws_boxes_and_masks():
+    from tusk_jax.datasets import montage
+
+    batch = {
+        "image": np.zeros((2, 10, 10, 3), np.float32),
+        "boxes": np.array([[[1.5, 2.5, 5.5, 8.5]]] * 2, np.float32),  # Pixels 2..5 x 3..8.
+        "labels": np.array([[7]] * 2),
+        "mask": np.zeros((2, 10, 10), np.int32),
+    }
+    batch["mask"][:, 4, 6] = 1
+    picture = np.asarray(montage.render(batch, 2))
+    assert picture.shape == (20, 22, 3)  # Image above its mask, 2 tiles and a 2-pixel gap.
+    assert tuple(picture[3, 2]) == (255, 64, 64)  # Box corner at pixel (x=2, y=3).
+    assert tuple(picture[8, 2]) == (255, 64, 64)  # Bottom-left corner (x=2, y=8).
+    assert picture[10 + 4, 6].any() and not picture[10 + 4, 7].any()  # Entity 1 in the mask.
 
 
 def test_scale_points_pixel_centres():
