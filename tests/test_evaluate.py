@@ -1,0 +1,259 @@
+"""tusk_jax.evaluate end to end on a briefly trained Tetrominoes run, and its parts.
+
+The numbers of a 4-step run are poor; what is checked is that the pipeline is
+exact: every reported metric is recomputed here independently (scikit-learn
+ARI per image, a plain loop for the attribute accuracy) from the model's
+outputs on the same test images.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import sklearn.metrics
+from absl import flags
+from PIL import Image
+
+from configs import mnist_hard, tetrominoes
+from tusk_jax import checkpointing, config_lib, evaluate, inference, input_pipeline, models, train
+
+
+def trained_workdir(tmp_path_factory) -> tuple:
+    """The tetrominoes:test config and a workdir trained by `train_and_evaluate` (4 steps).
+
+    Trained once per pytest process: test_detect.py calls this too and reuses the run.
+    """
+    base = tmp_path_factory.getbasetemp()
+    config = tetrominoes.get_config("test")
+    with config.unlocked():
+        config.dataset.data_dir = str(base / "tusk_data")
+    workdir = base / "tusk_trained_tetrominoes"
+    if not (workdir / "checkpoints" / str(config.train.num_steps)).is_dir():
+        shutil.rmtree(workdir, ignore_errors=True)
+        train.train_and_evaluate(config, str(workdir))
+    return config, str(workdir)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return trained_workdir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def evaluated(run):
+    _, workdir = run
+    return evaluate.evaluate(None, workdir, progress=False, tsne_points=60)
+
+
+def test_writes_metrics_json_and_figures(run, evaluated):
+    config, workdir = run
+    assert evaluated["step"] == config.train.num_steps
+    assert evaluated["eval_dir"] == os.path.join(workdir, "eval", str(config.train.num_steps))
+    assert evaluated["num_keypoints"] == 3 and evaluated["dataset"] == "tetrominoes"
+    found = evaluated["metrics"]
+    assert found["num_examples"] == config.dataset.num_eval_examples == 16
+    with open(os.path.join(evaluated["eval_dir"], "metrics.json")) as f:
+        saved = json.load(f)
+    for key in ("ari_fg", "ari", "shape_accuracy", "color_accuracy", "reconstruction_mse"):
+        assert saved["metrics"][key] == pytest.approx(found[key], abs=1e-12)
+    assert [row["tusk_paper"] for row in saved["paper"]] == [99.7, 91.3, 100.0]
+    assert sum(found["prototype_usage"]) == 16 * 3
+    assert set(evaluated["figures"]) == {
+        "detections",
+        "reconstructions",
+        "alpha",
+        "prototypes",
+        "tsne",
+    }
+    sizes = {n: Image.open(p).size for n, p in evaluated["figures"].items()}
+    # 16 px images drawn 4x: 8 detections in 2 rows of 4; one tile per prototype (M = 6, 3 x 2).
+    assert sizes["detections"] == (4 * 64 + 5 * 2, 2 * 64 + 3 * 2)
+    assert sizes["prototypes"] == (3 * 64 + 4 * 2, 2 * 64 + 3 * 2)
+    assert sizes["reconstructions"] == (8 * 64 + 9 * 2, 2 * 64 + 3 * 2)
+
+
+def test_metrics_equal_an_independent_recomputation(run, evaluated):
+    config, workdir = run
+    detector = inference.load(workdir)
+    ari_fg, shape_pairs, color_pairs, squared = [], [], [], []
+    for batch in input_pipeline.create_eval_iterator(config, "test"):
+        out = detector.apply(batch["image"])
+        for b in np.nonzero(batch["valid"])[0]:
+            mask, alpha = batch["mask"][b], out["alpha"][b]
+            fg = mask > 0
+            ari_fg.append(
+                sklearn.metrics.adjusted_rand_score(mask[fg], np.argmax(alpha, axis=0)[fg])
+            )
+            squared.append(np.mean((out["reconstruction"][b] - batch["image"][b]) ** 2))
+            for k in range(alpha.shape[0]):
+                pixels = alpha[k] > 0.8
+                for e in range(1, int(mask.max()) + 1):
+                    covered = np.sum(mask[pixels] == e)
+                    if batch["visibility"][b, e] and covered > 0.5 * pixels.sum() > 0:
+                        proto = out["prototype"][b, k]
+                        shape_pairs.append((proto, batch["shape"][b, e]))
+                        color_pairs.append((proto, batch["color"][b, e]))
+
+    def majority(pairs):
+        if not pairs:
+            return 0.0
+        by_proto = {}
+        for proto, label in pairs:
+            by_proto.setdefault(proto, []).append(label)
+        return sum(max(np.bincount(v)) for v in by_proto.values()) / len(pairs)
+
+    found = evaluated["metrics"]
+    assert found["ari_fg"] == pytest.approx(np.mean(ari_fg), abs=1e-9)
+    assert found["shape_accuracy"] == pytest.approx(majority(shape_pairs), abs=1e-12)
+    assert found["color_accuracy"] == pytest.approx(majority(color_pairs), abs=1e-12)
+    assert found["matched_keypoint_fraction"] == pytest.approx(len(shape_pairs) / 48, abs=1e-12)
+    assert found["reconstruction_mse"] == pytest.approx(np.mean(squared), rel=1e-5)
+
+
+def test_step_keypoints_and_examples_overrides(run):
+    _, workdir = run
+    result = evaluate.evaluate(
+        None, workdir, step=2, num_keypoints=5, num_examples=6, figures=False, progress=False
+    )
+    assert result["step"] == 2 and result["num_keypoints"] == 5
+    assert result["metrics"]["num_examples"] == 6
+    assert sum(result["metrics"]["prototype_usage"]) == 6 * 5
+    assert result["eval_dir"] == os.path.join(workdir, "eval", "2", "tetrominoes_test_k5")
+    assert os.listdir(result["eval_dir"]) == ["metrics.json"]
+
+
+def test_clear_errors(run, tmp_path):
+    config, workdir = run
+    with pytest.raises(FileNotFoundError, match=r"step 3.*\[2, 4\]"):
+        evaluate.evaluate(None, workdir, step=3)
+    other = tetrominoes.get_config("cpu")
+    with pytest.raises(ValueError, match=r"another config(.|\n)*model.window: 11"):
+        evaluate.evaluate(other, workdir)
+    with pytest.raises(ValueError, match="multi_instance"):
+        evaluate.evaluate(None, workdir, dataset="mnist_hard")
+    with pytest.raises(ValueError, match="num_examples"):
+        evaluate.evaluate(None, workdir, num_examples=0)
+    shutil.copy(os.path.join(workdir, "config.json"), tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        evaluate.evaluate(None, str(tmp_path))
+    # The config the run was trained with is accepted.
+    assert inference.resolve_config(workdir, config).model.to_dict() == config.model.to_dict()
+
+
+def test_command_line_prints_the_table_beside_the_paper(run, capsys):
+    _, workdir = run
+    flag_values = flags.FlagValues()
+    evaluate.define_flags(flag_values)
+    flag_values(["evaluate", f"--workdir={workdir}", "--num_examples=4", "--tsne_points=0"])
+    result = evaluate.run(flag_values)
+    printed = capsys.readouterr().out
+    ours = 100 * result["metrics"]["ari_fg"]
+    (row,) = [line for line in printed.splitlines() if line.startswith("ARI-FG")]
+    assert row.split()[1:3] == [f"{ours:.2f}", "99.70"]
+    assert "99.70" in printed and "Slot Attention 99.5 ± 0.2" in printed
+    assert "4 examples" in printed
+
+
+def test_command_line_without_checkpoint_exits_with_a_message(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "tusk_jax.evaluate", f"--workdir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    assert "config.json not found" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_mnist_hard_untrained_checkpoint_end_to_end(tmp_path):
+    """The multi-instance branch on real pipeline batches (a saved, untrained state)."""
+    config = mnist_hard.get_config("test")
+    with config.unlocked():
+        config.dataset.data_dir = str(tmp_path / "data")
+        config.dataset.num_eval_examples = 8
+    workdir = str(tmp_path / "run")
+    state = train.create_train_state(config, models.TUSK(config.model))
+    os.makedirs(workdir)
+    config_lib.save_config(config, workdir)
+    manager = checkpointing.create_manager(workdir)
+    checkpointing.save(manager, 0, state, {})
+    manager.wait_until_finished()
+    manager.close()
+    result = evaluate.evaluate(None, workdir, progress=False, figures=False)
+    found = result["metrics"]
+    assert found["num_examples"] == 8
+    for key in ("localization", "classification_majority", "both_hungarian"):
+        assert 0.0 <= found[key] <= 1.0
+    # both = correct / ground truths = classification x localisation.
+    assert found["both_majority"] == pytest.approx(
+        found["classification_majority"] * found["localization"], abs=1e-12
+    )
+    assert os.path.exists(os.path.join(workdir, "eval", "0", "metrics.json"))
+
+
+# --- Parts, on synthetic outputs ------------------------------------------------------
+
+
+def test_accumulator_multi_instance_scores_perfect_and_missed_detections():
+    centers = np.array([[[10.0, 10.0], [50.0, 50.0], [30.0, 60.0]]])
+    labels = np.array([[3, 7, -1]])  # The third digit is padding.
+    batch = {
+        "image": np.zeros((1, 80, 80, 3), np.float32),
+        "valid": np.array([True]),
+        "centers": centers,
+        "labels": labels,
+    }
+
+    def outputs(keypoints, prototype):
+        return {
+            "keypoints": np.asarray(keypoints, np.float64),
+            "prototype": np.asarray(prototype),
+            "confidence": np.ones((1, 2)),
+            "descriptors": np.ones((1, 2, 4)) / 2.0,
+            "reconstruction": np.zeros((1, 80, 80, 3), np.float32),
+        }
+
+    acc = evaluate.MetricAccumulator("multi_instance", 10, 80, tsne_points=0)
+    acc.add(batch, outputs([[[50.0, 51.0], [11.0, 10.0]]], [[7, 3]]))
+    found = acc.results()
+    assert found["localization"] == 1.0 and found["both_hungarian"] == 1.0
+    acc = evaluate.MetricAccumulator("multi_instance", 10, 80, tsne_points=0)
+    acc.add(batch, outputs([[[70.0, 10.0], [11.0, 10.0]]], [[7, 5]]))  # One 20 px off.
+    found = acc.results()
+    assert found["localization"] == 0.5 and found["classification_hungarian"] == 1.0
+
+
+def test_landmark_results_recover_a_linear_layout():
+    rng = np.random.default_rng(0)
+    n, t = 40, 5
+    landmarks = rng.uniform(10, 70, (n, t, 2))
+    landmarks[:, 1] = landmarks[:, 0] + [20.0, 0.0]  # Eyes 20 px apart.
+    # One keypoint per landmark, each with its own prototype: a linear map exists.
+    arrays = {"keypoints": landmarks + 0.0, "prototype": np.tile(np.arange(t), (n, 1))}
+    arrays["landmarks"] = landmarks
+    config = mnist_hard.get_config("test")
+    with config.unlocked():
+        config.dataset.name = "celeba_wild"
+    found = evaluate.landmark_results(config, arrays, arrays, num_prototypes=t)
+    assert found["forward_error"] == pytest.approx(0.0, abs=1e-6)
+    assert found["nmi"] == pytest.approx(1.0)
+
+
+def test_format_table_marks_missing_metrics():
+    table = evaluate.format_table(
+        {
+            "dataset": "clevr6",
+            "split": "test",
+            "step": 9,
+            "num_keypoints": 6,
+            "metrics": {"num_examples": 3, "ari_fg": 0.5, "shape_accuracy": 0.25},
+        }
+    )
+    lines = table.splitlines()
+    assert lines[0] == "clevr6 / test, step 9, K = 6, 3 examples"
+    assert lines[3].split()[:3] == ["ARI-FG", "50.00", "98.30"]
+    assert "size accuracy" in table and "n/a" in table
