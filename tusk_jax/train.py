@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -81,13 +80,47 @@ def make_optimizers(
     scale = 1.0
     if config.train.scale_lr_by_devices:
         scale = float(jax.device_count() if device_count is None else device_count)
-    tx = optax.adam(config.train.learning_rate * scale)
-    prototype_tx = optax.adam(
+    return _optimizers(
+        config.train.learning_rate * scale,
         config.train.prototype_learning_rate * scale,
-        b1=config.train.prototype_b1,
-        b2=config.train.prototype_b2,
+        config.train.prototype_b1,
+        config.train.prototype_b2,
     )
-    return tx, prototype_tx
+
+
+@functools.cache
+def _optimizers(learning_rate, prototype_learning_rate, prototype_b1, prototype_b2):
+    # Cached: the transformations are static fields of TrainState, hence part
+    # of its tree structure; equal settings must give the very same objects or
+    # every new state would compile the step again.
+    return optax.adam(learning_rate), optax.adam(
+        prototype_learning_rate, b1=prototype_b1, b2=prototype_b2
+    )
+
+
+def replicate(tree: Any, devices: list | None = None) -> Any:
+    """Copies every leaf to each device, stacked on a leading axis, for `pmap`.
+
+    The arrays get the sharding `pmap` gives its own outputs (a mesh axis
+    named 'batch'), so feeding a replicated state and feeding the state a
+    step returned run the same compiled program (flax's `replicate` uses
+    another mesh axis name, which costs a second compilation).
+    """
+    devices = jax.local_devices() if devices is None else devices
+    sharding = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.asarray(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS)
+    )
+    return jax.tree.map(
+        lambda x: jax.device_put(
+            np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))), sharding
+        ),
+        tree,
+    )
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first device's copy of a replicated tree, on the host (numpy)."""
+    return jax.device_get(jax.tree.map(lambda x: x[0], tree))
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: models.TUSK) -> TrainState:
@@ -205,7 +238,7 @@ def train_step(
             prototype_grads, prototype_opt_state, prototypes
         )
         prototypes = optax.apply_updates(prototypes, prototype_updates)
-        metrics["prototype_grad_norm"] = optax.global_norm(prototype_grads)
+        metrics["prototype_grad_norm"] = optax.tree.norm(prototype_grads)
     elif config.train.num_prototype_steps > 0:
 
         def prototype_step(carry, index):
@@ -221,7 +254,7 @@ def train_step(
             updates, opt_state = state.prototype_tx.update(grad, opt_state, prototypes)
             return (optax.apply_updates(prototypes, updates), opt_state), (
                 loss,
-                optax.global_norm(grad),
+                optax.tree.norm(grad),
             )
 
         (prototypes, prototype_opt_state), (sw_losses, sw_grad_norms) = lax.scan(
@@ -236,7 +269,7 @@ def train_step(
     nearest = ops.nearest_prototype(descriptors, prototypes)
     metrics.update({f"loss/{name}": value for name, value in terms.items()})
     metrics["loss/total"] = total
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["confidence"] = jnp.mean(out["confidence"])
     metrics = lax.pmean(metrics, AXIS)
     # Identical on every device (computed from the gathered descriptors).
@@ -274,7 +307,9 @@ class NonFiniteError(FloatingPointError):
 
 def check_finite(step: int, metrics: dict[str, float]) -> None:
     """Raises `NonFiniteError` naming the step and the first non-finite term."""
-    for name, value in metrics.items():
+    # Loss terms first: a NaN loss is the cause, NaN gradients its consequence.
+    for name in sorted(metrics, key=lambda n: (not n.startswith("loss/"), n)):
+        value = metrics[name]
         if not np.isfinite(value):
             raise NonFiniteError(
                 f"Non-finite value at step {step}: {name} = {value}. "
@@ -363,12 +398,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     vgg_params = None
     if config.loss.recon == "perceptual":
-        vgg_params = flax.jax_utils.replicate(
-            perceptual.load_vgg16_params(config.loss.vgg16_weights)
-        )
+        vgg_params = replicate(perceptual.load_vgg16_params(config.loss.vgg16_weights))
     p_train_step = make_p_train_step(config, model)
     apply_fn = jax.jit(model.apply)
-    replicated = flax.jax_utils.replicate(state)
+    replicated = replicate(state)
     writer = summaries.SummaryWriter(workdir)
     num_steps = config.train.num_steps
     pending = None  # (step, device metrics): fetched one step late, not to stall dispatch
@@ -377,7 +410,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     def consume(step, device_metrics):
         nonlocal last_log_time
-        host = {k: float(v) for k, v in flax.jax_utils.unreplicate(device_metrics).items()}
+        host = {k: float(v) for k, v in unreplicate(device_metrics).items()}
         check_finite(step, host)
         accumulated.append(host)
         if step % config.train.log_every == 0 or step == num_steps:
@@ -394,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             )
 
     def save(step, force=False):
-        host_state = jax.device_get(flax.jax_utils.unreplicate(replicated))
+        host_state = unreplicate(replicated)
         checkpointing.save(manager, step, host_state, train_iter.get_state(), force=force)
 
     with (
@@ -421,6 +454,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if step % config.train.image_every == 0 or step == num_steps:
                     _write_image_summaries(config, writer, step, apply_fn, replicated, batch)
                 if step % config.train.checkpoint_every == 0 and step < num_steps:
+                    consume(*pending)  # never checkpoint a state whose losses were not checked
+                    pending = None
                     save(step)
             if pending is not None:
                 consume(*pending)
@@ -436,7 +471,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     manager.wait_until_finished()
     manager.close()
     writer.close()
-    return jax.device_get(flax.jax_utils.unreplicate(replicated))
+    return unreplicate(replicated)
 
 
 _PYTREE_FIELDS = ("step", "params", "prototypes", "opt_state", "prototype_opt_state", "rng")
