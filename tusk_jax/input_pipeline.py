@@ -80,7 +80,7 @@ class TrainIterator:
         self._seed = int(config.seed)
         self._image_size = int(config.dataset.image_size)
         self._module = datasets.get_module(config.dataset.name)
-        self._source = datasets.data_source(config, "train")
+        self._source = datasets.data_source(config, "train", image_only=True)
         self._num_examples = len(self._source)
         if self._num_examples == 0:
             raise ValueError(f"dataset {config.dataset.name!r}: the train split is empty")

@@ -96,11 +96,16 @@ def split_name(name: str, split: str) -> str:
     return getattr(get_module(name), "SPLIT_ALIASES", {}).get(split, split)
 
 
-def data_source(config: ml_collections.ConfigDict, split: str):
+def data_source(config: ml_collections.ConfigDict, split: str, image_only: bool = False):
     """Random-access source of stored examples (dicts of numpy arrays) for `split`.
 
-    Prepares the dataset on first use.
+    Prepares the dataset on first use. With `image_only`, the other features
+    are left undecoded (raw bytes): the training path skips e.g. CLEVR's
+    zlib-compressed masks.
     """
     check_split(config.dataset.name, split)
     builder = prepare_dataset(config)
-    return builder.as_data_source(split=split_name(config.dataset.name, split))
+    decoders = None
+    if image_only:
+        decoders = {k: tfds.decode.SkipDecoding() for k in builder.info.features if k != "image"}
+    return builder.as_data_source(split=split_name(config.dataset.name, split), decoders=decoders)
