@@ -47,7 +47,7 @@ except ImportError:
     _google_crc32c = None
 
 _POLY = 0x82F63B78
-_CHUNK = 4096
+_CHUNK = 1024  # 1 MB contribution table: fits in L2 (4096 was 2x slower).
 
 
 def _byte_table() -> np.ndarray:
