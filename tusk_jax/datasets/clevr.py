@@ -39,6 +39,7 @@ import dataclasses
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+import tqdm
 from absl import logging
 
 from tusk_jax.datasets import common, tfrecord
@@ -93,7 +94,10 @@ def split_indices(path: str, variant: str, num_records: int, num_test: int) -> d
     else:
         logging.info("clevr6: indexing the first %d records of %s ...", num_records, path)
         kept, count = [], 0
-        for index, payload in tfrecord.read_records(path, False, indices=range(num_records)):
+        records = tfrecord.read_records(path, False, indices=range(num_records))
+        for index, payload in tqdm.tqdm(
+            records, total=num_records, desc="clevr6 index", unit="rec"
+        ):
             count += 1
             if record_colors(payload)[MAX_OBJECTS_CLEVR6 + 1] == 0:
                 kept.append(index)
