@@ -31,11 +31,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.dataset.source = "auto"
     # Training resolution (square, pixels) after the SPEC 5 preprocessing.
     config.dataset.image_size = 112
-    # Procedural sources only: number of training scenes to generate.
+    # Training scenes: generated (procedural) or taken first from the real file (tetrominoes).
     config.dataset.num_train = 50_000
-    config.dataset.num_test = 10_000  # Procedural sources only: number of test scenes to generate.
+    # Test scenes: generated, or the records after the training ones (tetrominoes, CLEVR test size).
+    config.dataset.num_test = 10_000
     # Procedural sources only: objects per scene (tetrominoes pieces; mnist_hard digits).
     config.dataset.num_objects = 3
+    # CLEVR: only the first N records of the TFRecord are used.
+    config.dataset.clevr_num_records = 70_000
     config.dataset.eval_split = "test"  # Split evaluated by tusk_jax.evaluate.
     config.dataset.num_eval_examples = -1  # Examples evaluated; -1: the whole split.
 
