@@ -108,3 +108,10 @@ def test_bad_inputs_named():
         ops.sample_prototype_mixture(jax.random.PRNGKey(0), jnp.ones((3, 2)), jnp.ones(2), 4)
     with pytest.raises(ValueError, match="num_projections"):
         ops.sliced_wasserstein_loss(jax.random.PRNGKey(0), jnp.ones((4, 2)), jnp.ones((2, 2)), 0)
+
+
+def test_l2_normalize_unit_norm_and_safe_at_zero():
+    x = jnp.array([[3.0, 4.0], [0.0, 0.0]])
+    np.testing.assert_allclose(ops.l2_normalize(x), [[0.6, 0.8], [0.0, 0.0]], rtol=1e-6)
+    grad = jax.grad(lambda v: ops.l2_normalize(v).sum())(x)
+    assert np.all(np.isfinite(grad))

@@ -48,7 +48,6 @@ from tusk_jax import ops
 
 DECODER_MODES = ("plain", "alpha")
 _GROUP_NORM_EPSILON = 1e-5  # PyTorch's default, used by the reference.
-_NORMALIZE_EPSILON = 1e-12  # As torch.nn.functional.normalize.
 
 
 def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -97,12 +96,6 @@ def check_image_size(height: int, width: int, depth: int) -> None:
             f"for a U-Net of depth {depth} (config model.depth); resize or crop the images "
             "or lower the depth."
         )
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    """`x / max(|x|, 1e-12)` along `axis` (as torch.nn.functional.normalize)."""
-    sq_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq_norm, _NORMALIZE_EPSILON**2))
 
 
 class ConvStage(nn.Module):
@@ -302,7 +295,7 @@ class TUSK(nn.Module):
         keypoints, confidence = jax.vmap(
             lambda s: ops.detect_keypoints(s, num_keypoints, window, temperature)
         )(score_map)
-        descriptors = l2_normalize(jax.vmap(ops.bilinear_sample)(feature_map, keypoints))
+        descriptors = ops.l2_normalize(jax.vmap(ops.bilinear_sample)(feature_map, keypoints))
         return {"keypoints": keypoints, "confidence": confidence, "descriptors": descriptors}
 
     def decode(

@@ -12,9 +12,13 @@ from tusk_jax.ops import _checks
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """x / max(|x|, eps) along `axis` (safe at 0, finite gradient)."""
-    norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    """x / max(|x|, eps) along `axis` (as torch.nn.functional.normalize).
+
+    Written with rsqrt of the clamped squared norm so that the gradient stays
+    finite at x = 0 (the square root's gradient there is infinite).
+    """
+    squared_norm = jnp.sum(x * x, axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, eps * eps))
 
 
 def _check_pair(descriptors: jax.Array, prototypes: jax.Array) -> None:
