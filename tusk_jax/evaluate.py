@@ -123,6 +123,14 @@ class MetricAccumulator:
     `Detector.apply` outputs for it; rows with `valid` False are ignored.
     `results()` gives the metrics of everything added; landmark datasets keep
     the keypoints (`landmark_arrays()`) for `landmark_results`.
+
+    Args:
+      task: `config_lib.DATASET_TASKS` value: object_discovery (ARI-FG, ARI,
+        attribute accuracies), multi_instance (MNIST-Hard scores) or landmarks.
+      num_prototypes: M.
+      image_size: the evaluated image side in pixels (MNIST-Hard boxes are
+        20 px at 80 px and scale with it).
+      tsne_points: descriptors kept for the t-SNE figure (0: none).
     """
 
     def __init__(self, task: str, num_prototypes: int, image_size: int, tsne_points: int):
