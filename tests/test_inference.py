@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import tetrominoes
-from tusk_jax import checkpointing, config_lib, inference, models, ops, train
+from tusk_jax import checkpointing, config_lib, inference, models, ops
 
 RED, GREEN, BLUE = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
 
@@ -166,13 +166,23 @@ def test_bad_num_keypoints_raise(lit_detector, k):
 # --- The real network ----------------------------------------------------------------
 
 
+def random_state(config, seed=0):
+    """A host `TrainState` of the config's shapes with random floats (no init compile)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(leaf):
+        if np.issubdtype(leaf.dtype, np.floating):
+            return (0.2 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+        return leaf
+
+    return jax.tree.map(fill, inference.state_template(config))
+
+
 @pytest.fixture(scope="module")
 def real_detector():
     config = tetrominoes.get_config("test")  # 16 x 16, alpha decoder, K = 3, M = 6.
-    model = models.TUSK(config.model)
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-    prototypes = jax.random.normal(jax.random.key(1), (6, config.model.feature_dim))
-    return inference.Detector(config, variables, prototypes, batch_size=4)
+    state = random_state(config)
+    return inference.Detector(config, state.params, state.prototypes, batch_size=4)
 
 
 def images(count, height, width, seed=0):
@@ -206,11 +216,12 @@ def test_reconstruct_odd_size_with_layers(real_detector):
 
 
 def test_many_keypoints_and_any_count_of_images(real_detector):
-    found = real_detector.detect(list(images(5, 16, 16)) + [images(1, 7, 30)[0]], num_keypoints=20)
-    assert [len(d) for d in found] == [20] * 6
+    # Three 16 x 16 images share one padded batch of 4; the 7 x 30 one pads to 8 x 32.
+    found = real_detector.detect(list(images(3, 16, 16)) + [images(1, 7, 30)[0]], num_keypoints=20)
+    assert [len(d) for d in found] == [20] * 4
     assert all(d.descriptors.shape == (20, 8) for d in found)
-    np.testing.assert_allclose(np.linalg.norm(found[5].descriptors, axis=1), 1.0, atol=1e-5)
-    assert np.all(found[5].keypoints[:, 0] <= 29) and np.all(found[5].keypoints[:, 1] <= 6)
+    np.testing.assert_allclose(np.linalg.norm(found[3].descriptors, axis=1), 1.0, atol=1e-5)
+    assert np.all(found[3].keypoints[:, 0] <= 29) and np.all(found[3].keypoints[:, 1] <= 6)
 
 
 def test_render_prototypes_decodes_one_centred_keypoint(real_detector):
@@ -237,8 +248,7 @@ def saved_run(tmp_path_factory):
     """A workdir with config.json and a (freshly initialised) checkpoint of step 7."""
     config = tetrominoes.get_config("test")
     workdir = str(tmp_path_factory.mktemp("saved_run"))
-    state = jax.device_get(train.create_train_state(config, models.TUSK(config.model)))
-    state = state.replace(step=np.int32(7))
+    state = random_state(config, seed=1).replace(step=np.int32(7))
     config_lib.save_config(config, workdir)
     manager = checkpointing.create_manager(workdir)
     checkpointing.save(manager, 7, state, {"step": 7})
