@@ -16,13 +16,13 @@ What one evaluation does:
 2. landmark datasets (CelebA, H36M): runs the `regressor_train` split first,
    to fit the linear regressor of the protocol;
 3. runs the evaluated split with a progress bar, streaming the metric counts;
-4. writes `<workdir>/eval/<step>/metrics.json` (a subfolder
+4. writes `<workdir>/eval/<step>/metrics.json` (in a subfolder
    `<dataset>_<split>_k<K>` when the dataset, split or K differ from the
-   trained ones) and PNG figures next to it: detections coloured by
-   prototype, reconstructions, the alpha-mode layers (per-keypoint RGB, alpha
-   and the argmax mask), every prototype rendered alone through the decoder,
-   and a t-SNE of descriptors with the prototypes marked, coloured by
-   ground-truth class where the dataset has one;
+   run's own dataset, `dataset.eval_split` and K) and PNG figures next to it:
+   detections coloured by prototype, reconstructions, the alpha-mode layers
+   (per-keypoint RGB, alpha and the argmax mask), every prototype rendered
+   alone through the decoder, and a t-SNE of descriptors with the prototypes
+   marked, coloured by ground-truth class where the dataset has one;
 5. returns the metrics; the command line prints them beside the paper's
    (SPEC section 8, `PAPER_RESULTS`).
 
@@ -561,7 +561,7 @@ def prepare_config(
 def evaluate(
     config: ml_collections.ConfigDict | None,
     workdir: str,
-    split: str = "test",
+    split: str | None = None,
     step: int | None = None,
     *,
     dataset: str | None = None,
@@ -579,7 +579,7 @@ def evaluate(
       config: None to use the run's saved config, or a config that builds the
         same model (checked; "checkpoint from another config" otherwise).
       workdir: the training workdir.
-      split: the evaluated split (default `test`).
+      split: the evaluated split; None: config `dataset.eval_split` (`test`).
       step: checkpoint step; None: the latest.
       dataset: evaluate on another dataset of the same task (clevr10).
       num_keypoints: K at evaluation (None: the trained K).
@@ -606,6 +606,7 @@ def evaluate(
     detector = inference.Detector(config, state.params, state.prototypes, step=step)
     k = detector.resolve_num_keypoints(num_keypoints)
     batch_size = int(batch_size or config.train.batch_size)
+    split = split or config.dataset.get("eval_split", "test")
     name = config.dataset.name
     task = config_lib.DATASET_TASKS[name]
 
@@ -638,7 +639,8 @@ def evaluate(
         )
 
     tag = ""
-    if name != trained.dataset.name or split != "test" or k != detector.num_keypoints:
+    default_split = trained.dataset.get("eval_split", "test")
+    if name != trained.dataset.name or split != default_split or k != detector.num_keypoints:
         tag = f"{name}_{split}_k{k}"
     output = {
         "workdir": os.path.abspath(workdir),
@@ -719,7 +721,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     )
     fv = {"flag_values": flag_values}
     flags.DEFINE_string("workdir", None, "The training workdir (config.json, checkpoints/).", **fv)
-    flags.DEFINE_string("split", "test", "Split to evaluate.", **fv)
+    flags.DEFINE_string("split", None, "Split to evaluate; default: dataset.eval_split.", **fv)
     flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.", **fv)
     flags.DEFINE_string(
         "dataset", None, "Evaluate on another dataset of the same task (clevr10).", **fv
