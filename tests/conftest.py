@@ -22,4 +22,32 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+import fcntl  # noqa: E402
+import shutil  # noqa: E402
+
 import jax  # noqa: E402, F401
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_tetrominoes(tmp_path_factory, worker_id):
+    """`(config, workdir)`: tetrominoes:test trained by `train_and_evaluate` (4 steps).
+
+    Trained once per test run: the xdist workers share one folder and a file
+    lock, so whichever worker comes first trains and the others reuse it.
+    """
+    from configs import tetrominoes
+    from tusk_jax import train
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if worker_id != "master" else base
+    config = tetrominoes.get_config("test")
+    with config.unlocked():
+        config.dataset.data_dir = str(shared / "tusk_data")
+    workdir = shared / "tusk_trained_tetrominoes"
+    with open(shared / "tusk_trained_tetrominoes.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (workdir / "checkpoints" / str(config.train.num_steps)).is_dir():
+            shutil.rmtree(workdir, ignore_errors=True)
+            train.train_and_evaluate(config, str(workdir))
+    return config, str(workdir)

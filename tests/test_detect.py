@@ -8,7 +8,6 @@ the keypoints, and that unreadable files are reported and skipped.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -17,29 +16,12 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from configs import tetrominoes
-from tusk_jax import detect, inference, input_pipeline, train, visualization
-
-
-def trained_workdir(tmp_path_factory) -> tuple:
-    """The tetrominoes:test config and a workdir trained by `train_and_evaluate` (4 steps).
-
-    Same folder as in test_evaluate.py: one training per pytest process.
-    """
-    base = tmp_path_factory.getbasetemp()
-    config = tetrominoes.get_config("test")
-    with config.unlocked():
-        config.dataset.data_dir = str(base / "tusk_data")
-    workdir = base / "tusk_trained_tetrominoes"
-    if not (workdir / "checkpoints" / str(config.train.num_steps)).is_dir():
-        shutil.rmtree(workdir, ignore_errors=True)
-        train.train_and_evaluate(config, str(workdir))
-    return config, str(workdir)
+from tusk_jax import detect, inference, input_pipeline, visualization
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return trained_workdir(tmp_path_factory)
+def run(trained_tetrominoes):
+    return trained_tetrominoes
 
 
 def run_cli(*args):

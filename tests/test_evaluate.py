@@ -20,28 +20,12 @@ from absl import flags
 from PIL import Image
 
 from configs import mnist_hard, tetrominoes
-from tusk_jax import checkpointing, config_lib, evaluate, inference, input_pipeline, train
-
-
-def trained_workdir(tmp_path_factory) -> tuple:
-    """The tetrominoes:test config and a workdir trained by `train_and_evaluate` (4 steps).
-
-    Trained once per pytest process: test_detect.py calls this too and reuses the run.
-    """
-    base = tmp_path_factory.getbasetemp()
-    config = tetrominoes.get_config("test")
-    with config.unlocked():
-        config.dataset.data_dir = str(base / "tusk_data")
-    workdir = base / "tusk_trained_tetrominoes"
-    if not (workdir / "checkpoints" / str(config.train.num_steps)).is_dir():
-        shutil.rmtree(workdir, ignore_errors=True)
-        train.train_and_evaluate(config, str(workdir))
-    return config, str(workdir)
+from tusk_jax import checkpointing, config_lib, evaluate, inference, input_pipeline
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return trained_workdir(tmp_path_factory)
+def run(trained_tetrominoes):
+    return trained_tetrominoes
 
 
 @pytest.fixture(scope="module")
