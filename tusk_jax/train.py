@@ -37,6 +37,7 @@ from tqdm import tqdm
 from tusk_jax import (
     checkpointing,
     config_lib,
+    distributed,
     input_pipeline,
     losses,
     models,
@@ -442,8 +443,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         ) as bar,
     ):
         step = start_step
+        vote = distributed.StopVote()  # every process stops after the same step
+        stopping = False
         try:
-            while step < num_steps and stop.signal_name is None:
+            while step < num_steps and not stopping:
                 batch = next(train_iter)
                 replicated, device_metrics = p_train_step(replicated, batch, vgg_params)
                 step += 1
@@ -457,6 +460,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     consume(*pending)  # never checkpoint a state whose losses were not checked
                     pending = None
                     save(step)
+                vote.cast(stop.signal_name is not None)
+                stopping = vote.decided()
             if pending is not None:
                 consume(*pending)
                 pending = None
@@ -464,8 +469,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             manager.wait_until_finished()
             writer.close()
             raise
-        if stop.signal_name is not None:
-            logging.warning("%s received: saving step %d and stopping.", stop.signal_name, step)
+        if stopping:
+            logging.warning(
+                "%s received: saving step %d and stopping.",
+                stop.signal_name or "Stop request of another process",
+                step,
+            )
         if manager.latest_step() != step:
             save(step, force=True)
     manager.wait_until_finished()
