@@ -3,7 +3,8 @@
 The end-to-end test runs the launch README's own `launch/local.sh` command (two
 `python -m tusk_jax.main` processes over 127.0.0.1, gloo CPU collectives) on the
 Tetrominoes `:test` config and compares it with the same config trained by
-`train_and_evaluate` in this pytest process on its 2 forced host devices: same
+`train_and_evaluate` in a pytest process on its 2 forced host devices (the
+session's shared run, conftest's `trained_tetrominoes`): same
 global batch, seed and device order, so every logged metric of every step and
 every array of the final checkpoint must be *equal* (the devices run the same
 programs; a sum of two values is exact in either order). It then evaluates the
@@ -17,7 +18,6 @@ scripts (`bash -n`, and their commands printed with fake `srun` / `DRY_RUN`:
 import json
 import os
 import pathlib
-import shutil
 import socket
 import subprocess
 import sys
@@ -27,36 +27,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tetrominoes
-from tusk_jax import checkpointing, config_lib, distributed, evaluate, inference, summaries, train
+from tusk_jax import checkpointing, config_lib, distributed, evaluate, inference, summaries
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 # The command of launch/README.md that this file runs (with its own workdir and data dir).
 README_COMMAND = "launch/local.sh 2 --config=configs/tetrominoes.py:test --workdir=/tmp/tusk_2p"
-
-
-def reference_run(tmp_path_factory) -> tuple:
-    """tetrominoes:test trained by `train_and_evaluate` here (1 process x 2 devices).
-
-    Same folder and config as tests/test_evaluate.py and tests/test_detect.py, so
-    one pytest process trains it once; a folder trained with another config is
-    not reused.
-    """
-    base = tmp_path_factory.getbasetemp()
-    config = tetrominoes.get_config("test")
-    with config.unlocked():
-        config.dataset.data_dir = str(base / "tusk_data")
-    workdir = base / "tusk_trained_tetrominoes"
-    expected = json.loads(config.to_json_best_effort())
-    done = (workdir / "checkpoints" / str(config.train.num_steps)).is_dir()
-    if done and config_lib.load_config(str(workdir)).to_dict() != expected:
-        workdir = base / "tusk_trained_tetrominoes_multiprocess_reference"
-        done = (workdir / "checkpoints" / str(config.train.num_steps)).is_dir()
-    if not done:
-        shutil.rmtree(workdir, ignore_errors=True)
-        train.train_and_evaluate(config, str(workdir))
-    return config, str(workdir)
 
 
 def free_port() -> int:
@@ -66,20 +42,16 @@ def free_port() -> int:
 
 
 def child_env() -> dict[str, str]:
-    """Environment of the launched processes: CPU, this interpreter, the test compile cache."""
+    """Environment of the launched processes: CPU, this interpreter, 1 device each."""
     env = dict(os.environ)
     env.update(
         JAX_PLATFORMS="cpu",
         XLA_FLAGS="",  # not the 2 devices conftest forces on this process
         PYTHON=sys.executable,
         PYTHONPATH=str(REPO),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-    )
+    )  # and conftest's JAX_COMPILATION_CACHE_DIR
     env.pop("DEVICES_PER_PROCESS", None)
     env.pop("PORT", None)
-    cache = jax.config.jax_compilation_cache_dir
-    if cache:
-        env["JAX_COMPILATION_CACHE_DIR"] = cache
     return env
 
 
@@ -104,8 +76,9 @@ def restore_with_data(workdir: str, config) -> tuple:
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_two_devices(tmp_path_factory, tmp_path):
-    config, reference = reference_run(tmp_path_factory)
+def test_two_processes_equal_one_process_with_two_devices(trained_tetrominoes, tmp_path):
+    # tetrominoes:test trained by train_and_evaluate in a pytest process (2 devices).
+    config, reference = trained_tetrominoes
     workdir = tmp_path / "two_processes"
     assert README_COMMAND in (LAUNCH / "README.md").read_text()
     command = README_COMMAND.replace("/tmp/tusk_2p", str(workdir)).split()
