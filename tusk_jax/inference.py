@@ -396,12 +396,7 @@ class Detector:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.config = config
         self.model = models.TUSK(config.model)
-        self.variables = jax.device_put(variables)
-        prototypes = np.asarray(prototypes, np.float32)
-        self.prototypes = prototypes / np.maximum(
-            np.linalg.norm(prototypes, axis=1, keepdims=True), 1e-12
-        )
-        self.step = step
+        self.update(variables, prototypes, step)
         self.workdir = workdir
         self.batch_size = int(batch_size)
         self.pad_multiple = 2 ** (config.model.depth - 1)
@@ -410,6 +405,17 @@ class Detector:
         )
         self._apply = jax.jit(self._apply_fn, static_argnames=("num_keypoints",))
         self._render = jax.jit(self._render_fn, static_argnames=("size",))
+
+    def update(self, variables: Any, prototypes: ArrayLike, step: int | None = None) -> None:
+        """Swaps in new weights of the same shapes (e.g. during training) without recompiling."""
+        self.variables = jax.device_put(variables)
+        prototypes = np.asarray(prototypes, np.float32)
+        self.prototypes = prototypes / np.maximum(
+            np.linalg.norm(prototypes, axis=1, keepdims=True), 1e-12
+        )
+        # The jitted bodies take the weights as an argument, never as constants.
+        self._weights = (self.variables, jnp.asarray(self.prototypes))
+        self.step = step
 
     @property
     def num_keypoints(self) -> int:
@@ -422,12 +428,14 @@ class Detector:
 
     # -- jitted bodies ---------------------------------------------------------
 
-    def _nearest(self, descriptors):
+    @staticmethod
+    def _nearest(descriptors, prototypes):
         b, k, c = descriptors.shape
-        ids = ops.nearest_prototype(descriptors.reshape(b * k, c), jnp.asarray(self.prototypes))
+        ids = ops.nearest_prototype(descriptors.reshape(b * k, c), prototypes)
         return ids.reshape(b, k)
 
-    def _forward(self, variables, images, *, height, width, num_keypoints, decode):
+    def _forward(self, weights, images, *, height, width, num_keypoints, decode):
+        variables, prototypes = weights
         model = self.model
         score_map, feature_map = model.apply(variables, images, method=models.TUSK.encode)
         score_map = score_map[:, :height, :width]
@@ -435,7 +443,7 @@ class Detector:
         out = model.apply(
             variables, score_map, feature_map, num_keypoints, method=models.TUSK.extract
         )
-        out["prototype"] = self._nearest(out["descriptors"])
+        out["prototype"] = self._nearest(out["descriptors"], prototypes)
         if decode:
             decoded = model.apply(
                 variables,
@@ -454,12 +462,14 @@ class Detector:
                 )
         return out
 
-    def _apply_fn(self, variables, images, *, num_keypoints):
+    def _apply_fn(self, weights, images, *, num_keypoints):
+        variables, prototypes = weights
         out = self.model.apply(variables, images, num_keypoints=num_keypoints)
-        out["prototype"] = self._nearest(out["descriptors"])
+        out["prototype"] = self._nearest(out["descriptors"], prototypes)
         return out
 
-    def _render_fn(self, variables, descriptors, confidence, *, size):
+    def _render_fn(self, weights, descriptors, confidence, *, size):
+        variables, _ = weights
         m = descriptors.shape[0]
         centre = (size - 1) / 2.0
         keypoints = jnp.full((m, 1, 2), centre, jnp.float32)
@@ -498,7 +508,7 @@ class Detector:
                     batch[row] = pad_image(images[index], hp, wp)
                 out = jax.device_get(
                     self._run(
-                        self.variables,
+                        self._weights,
                         batch,
                         height=h,
                         width=w,
@@ -615,7 +625,7 @@ class Detector:
         """
         k = self.resolve_num_keypoints(num_keypoints)
         images = np.asarray(images, np.float32)
-        return jax.device_get(self._apply(self.variables, images, num_keypoints=k))
+        return jax.device_get(self._apply(self._weights, images, num_keypoints=k))
 
     def render_prototypes(
         self, size: int | None = None, confidence: float = 1.0
@@ -640,7 +650,7 @@ class Detector:
             rows = self.batch_size
             batch = np.zeros((rows, chunk.shape[1]), np.float32)
             batch[: len(chunk)] = chunk
-            out = jax.device_get(self._render(self.variables, batch, confidence, size=size))
+            out = jax.device_get(self._render(self._weights, batch, confidence, size=size))
             renders.append({n: v[: len(chunk)] for n, v in out.items()})
         return {n: np.concatenate([r[n] for r in renders]) for n in renders[0]}
 

@@ -38,13 +38,14 @@ from tusk_jax import (
     checkpointing,
     config_lib,
     distributed,
+    evaluate,
+    inference,
     input_pipeline,
     losses,
     models,
     ops,
     perceptual,
     summaries,
-    visualization,
 )
 
 AXIS = "batch"
@@ -344,32 +345,6 @@ class _StopRequest:
         return False
 
 
-def summary_images(
-    config: ml_collections.ConfigDict, images: np.ndarray, out: dict, prototypes: np.ndarray
-) -> dict[str, np.ndarray]:
-    """uint8 pictures of a few images: inputs with keypoints, reconstructions, alpha."""
-    num_prototypes = prototypes.shape[0]
-    ids = [
-        np.asarray(ops.nearest_prototype(jnp.asarray(d), jnp.asarray(prototypes)))
-        for d in out["descriptors"]
-    ]
-    detections = [
-        visualization.draw_keypoints(
-            images[i], out["keypoints"][i], ids[i], num_prototypes, out["confidence"][i]
-        )
-        for i in range(len(images))
-    ]
-    pictures = {
-        "detections": visualization.image_grid(np.stack(detections), ncols=len(detections)),
-        "reconstructions": visualization.image_grid(
-            np.concatenate([images, out["reconstruction"]]), ncols=len(images)
-        ),
-    }
-    if "alpha" in out:
-        pictures["alpha"] = visualization.alpha_panel(out["rgb"][0], out["alpha"][0])
-    return pictures
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (or resumes) a TUSK model in `workdir`; returns the final host state.
 
@@ -401,9 +376,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if config.loss.recon == "perceptual":
         vgg_params = replicate(perceptual.load_vgg16_params(config.loss.vgg16_weights))
     p_train_step = make_p_train_step(config, model)
-    apply_fn = jax.jit(model.apply)
     replicated = replicate(state)
     writer = summaries.SummaryWriter(workdir)
+    write_images = _ImageSummaries(config, writer)
     num_steps = config.train.num_steps
     pending = None  # (step, device metrics): fetched one step late, not to stall dispatch
     accumulated: list[dict[str, float]] = []
@@ -455,7 +430,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 pending = (step, device_metrics)
                 bar.update(1)
                 if step % config.train.image_every == 0 or step == num_steps:
-                    _write_image_summaries(config, writer, step, apply_fn, replicated, batch)
+                    write_images(step, replicated, batch)
                 if step % config.train.checkpoint_every == 0 and step < num_steps:
                     consume(*pending)  # never checkpoint a state whose losses were not checked
                     pending = None
@@ -486,11 +461,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 _PYTREE_FIELDS = ("step", "params", "prototypes", "opt_state", "prototype_opt_state", "rng")
 
 
-def _write_image_summaries(config, writer, step, apply_fn, replicated, batch, count=4):
-    if not writer.enabled:
-        return
-    params = jax.tree.map(lambda x: x[0], replicated.params)
-    prototypes = np.asarray(replicated.prototypes[0])
-    images = np.asarray(batch[0, :count])
-    out = jax.device_get(apply_fn(params, images))
-    writer.write_images(step, summary_images(config, images, out, prototypes))
+class _ImageSummaries:
+    """Writes the evaluation figures (`evaluate.make_figures`) of a few training images.
+
+    Detections coloured by prototype, reconstructions, alpha layers (alpha
+    mode), each prototype rendered alone and a t-SNE of the descriptors. One
+    `inference.Detector` is kept and given the current weights each time, so
+    its functions compile once per run.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, writer, count: int = 4):
+        self.config, self.writer, self.count = config, writer, count
+        self.detector = None
+
+    def __call__(self, step: int, replicated: TrainState, batch: np.ndarray) -> None:
+        if not self.writer.enabled:
+            return
+        params = unreplicate(replicated.params)
+        prototypes = unreplicate(replicated.prototypes)
+        if self.detector is None:
+            self.detector = inference.Detector(self.config, params, prototypes, step=step)
+        else:
+            self.detector.update(params, prototypes, step=step)
+        images = np.asarray(batch[0, : self.count])
+        first = {"image": images, **self.detector.apply(images)}
+        descriptors = first["descriptors"].reshape(-1, first["descriptors"].shape[-1])
+        figures = evaluate.make_figures(self.detector, first, descriptors)
+        self.writer.write_images(step, figures)
