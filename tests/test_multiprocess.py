@@ -185,12 +185,16 @@ def test_uneven_batch_stops_both_processes_with_the_split_in_the_message(tmp_pat
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def test_batch_split_in_one_process():
+def test_batch_split_in_one_process(monkeypatch):
+    assert distributed.device_layout() == {0: 2}
     assert distributed.check_batch_split(4) == 2
     with pytest.raises(ValueError, match=r"over the 2 devices \(1 process\(es\) x 2 device"):
         distributed.check_batch_split(3)
     with pytest.raises(ValueError, match="use a multiple of 2"):
         distributed.check_batch_split(0)
+    monkeypatch.setattr(distributed, "device_layout", lambda: {0: 2, 1: 1})
+    with pytest.raises(ValueError, match="same number of devices.*process 0: 2, process 1: 1"):
+        distributed.check_batch_split(6)
 
 
 SLURM_STEP = {
@@ -198,14 +202,16 @@ SLURM_STEP = {
     "SLURM_STEP_NODELIST": "node[001-002]",
     "SLURM_NTASKS": "4",
     "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "1",
 }
 
 
 def test_detect_cluster_from_the_environment():
     assert distributed.detect_cluster({}) is None
     assert distributed.detect_cluster(SLURM_STEP) == "slurm"
-    # One task (an interactive allocation) or no job step (the batch script itself): one process.
+    # One task (an allocation of one, `srun -n 1`) or no step node list: one process.
     assert distributed.detect_cluster({**SLURM_STEP, "SLURM_NTASKS": "1"}) is None
+    assert distributed.detect_cluster({**SLURM_STEP, "SLURM_STEP_NUM_TASKS": "1"}) is None
     assert (
         distributed.detect_cluster({k: SLURM_STEP[k] for k in SLURM_STEP if "STEP" not in k})
         is None

@@ -38,14 +38,21 @@ MODES = ("auto", "cluster", "off")
 
 # Environment variables by which JAX's own cluster detection recognises a
 # multi-task job (jax/_src/clusters): SLURM inside `srun`, Open MPI's `mpirun`.
-_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID")
+_SLURM_VARS = (
+    "SLURM_JOB_ID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+)
 _OMPI_VARS = ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")
 
 
 def detect_cluster(environ: dict[str, str] | None = None) -> str | None:
     """The multi-task launcher this process runs under, or None.
 
-    Returns 'slurm' inside a SLURM job step of more than one task (`srun`),
+    Returns 'slurm' inside a SLURM job step of more than one task (the tasks
+    `srun` starts: SLURM_STEP_NUM_TASKS when set, else SLURM_NTASKS),
     'openmpi' under `mpirun -np N` with N > 1, else None. These are the
     environments `jax.distributed.initialize()` configures itself from
     (coordinator, process count and id; under SLURM also one GPU per task,
@@ -54,8 +61,10 @@ def detect_cluster(environ: dict[str, str] | None = None) -> str | None:
     `--distributed=cluster` (launch/tpu_vm.sh does).
     """
     env = os.environ if environ is None else environ
-    if all(v in env for v in _SLURM_VARS) and _int(env["SLURM_NTASKS"]) > 1:
-        return "slurm"
+    if all(v in env for v in _SLURM_VARS):
+        # The tasks of this srun step (`srun -n 1` inside a bigger allocation: one process).
+        if _int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"])) > 1:
+            return "slurm"
     if all(v in env for v in _OMPI_VARS) and _int(env["OMPI_COMM_WORLD_SIZE"]) > 1:
         return "openmpi"
     return None
@@ -137,6 +146,7 @@ def initialize(
         ", ".join(f"{k}={v}" for k, v in given.items()) or "arguments from the environment",
     )
     jax.distributed.initialize(**given)
+    devices_per_process()
     handshake()
     return True
 
@@ -171,6 +181,23 @@ def describe() -> str:
     )
 
 
+def devices_per_process() -> int:
+    """The number of devices of each process.
+
+    Raises:
+      ValueError: processes with different device counts (`pmap` needs the
+        same on each), naming each process's count.
+    """
+    layout = device_layout()
+    counts = set(layout.values())
+    if len(counts) > 1:
+        raise ValueError(
+            "every process must drive the same number of devices; devices per process: "
+            + ", ".join(f"process {p}: {n}" for p, n in layout.items())
+        )
+    return counts.pop()
+
+
 def check_batch_split(batch_size: int) -> int:
     """Checks that a global batch splits evenly over the processes and devices.
 
@@ -185,14 +212,8 @@ def check_batch_split(batch_size: int) -> int:
         same on each), or a batch that is not a positive multiple of the
         device count; the message names the field, the processes and devices.
     """
-    layout = device_layout()
-    counts = set(layout.values())
-    if len(counts) > 1:
-        raise ValueError(
-            "every process must drive the same number of devices; devices per process: "
-            + ", ".join(f"process {p}: {n}" for p, n in layout.items())
-        )
-    num_processes, per_process = len(layout), counts.pop()
+    per_process = devices_per_process()
+    num_processes = jax.process_count()
     num_devices = num_processes * per_process
     if batch_size < 1 or batch_size % num_devices:
         valid = [num_devices * i for i in range(1, 4)]
