@@ -10,6 +10,8 @@
 #   DEVICES_PER_PROCESS  CPU devices each process drives (default 1).
 #   PORT                 coordinator port (default: a free port chosen here).
 #   PYTHON               interpreter (default: python).
+#   GRACE_SECONDS        after a failure, how long the others get to stop after
+#                        SIGTERM before SIGKILL (default 30).
 # Exits with the first non-zero exit status of a process; if one process fails,
 # the others are stopped (they would otherwise wait in a collective).
 set -euo pipefail
@@ -49,10 +51,20 @@ while ((remaining > 0)); do
   code=0
   wait -n || code=$?
   remaining=$((remaining - 1))
-  if ((code != 0 && status == 0)); then
+  if ((code != 0)); then
     status=$code
     echo "local.sh: a process exited with status ${code}; stopping the others." >&2
     cleanup
+    # A process blocked in a collective with the failed one may not see SIGTERM.
+    for ((s = 0; s < ${GRACE_SECONDS:-30}; s++)); do
+      [[ -n "$(jobs -rp)" ]] || break
+      sleep 1
+    done
+    for pid in $(jobs -rp); do
+      kill -KILL "$pid" 2>/dev/null || true
+    done
+    wait || true
+    break
   fi
 done
 exit "$status"

@@ -185,6 +185,32 @@ def test_uneven_batch_stops_both_processes_with_the_split_in_the_message(tmp_pat
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stand-in interpreter: process 1 fails at once; process 0 ignores SIGTERM and
+# hangs, like a process blocked in a collective with the failed one.
+case "$*" in
+  *--process_id=1*) exit 3 ;;
+  *) trap '' TERM; exec sleep 300 ;;
+esac
+"""
+
+
+def test_local_sh_stops_the_others_when_one_process_fails(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {**child_env(), "PYTHON": str(fake), "PORT": "1", "GRACE_SECONDS": "1"}
+    done = subprocess.run(
+        ["bash", str(LAUNCH / "local.sh"), "2", "--workdir=unused"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,  # a hang guard: without the SIGKILL the hanging process would last 300 s
+    )
+    assert done.returncode == 3
+    assert "a process exited with status 3; stopping the others" in done.stderr
+
+
 def test_batch_split_in_one_process(monkeypatch):
     assert distributed.device_layout() == {0: 2}
     assert distributed.check_batch_split(4) == 2
