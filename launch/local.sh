@@ -13,7 +13,9 @@
 #   GRACE_SECONDS        after a failure, how long the others get to stop after
 #                        SIGTERM before SIGKILL (default 30).
 # Exits with the first non-zero exit status of a process; if one process fails,
-# the others are stopped (they would otherwise wait in a collective).
+# the others are stopped (they would otherwise wait in a collective). Ctrl-C or
+# SIGTERM to this script: every process writes a checkpoint of the same step and
+# stops; running the same command again resumes.
 set -euo pipefail
 
 if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
@@ -30,12 +32,14 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}"
 
 pids=()
-cleanup() {
+stop_all() {
   for pid in "${pids[@]}"; do
-    kill "$pid" 2>/dev/null || true
+    kill -TERM "$pid" 2>/dev/null || true
   done
 }
-trap cleanup INT TERM
+# Ctrl-C / SIGTERM: every process saves a checkpoint and stops; keep waiting for them.
+interrupted=0
+trap 'interrupted=1; stop_all' INT TERM
 
 for ((i = 0; i < num_processes; i++)); do
   "$python" -m tusk_jax.main "$@" \
@@ -45,26 +49,33 @@ for ((i = 0; i < num_processes; i++)); do
   pids+=("$!")
 done
 
-status=0
-remaining=${#pids[@]}
-while ((remaining > 0)); do
+first_failure=0
+while [[ -n "$(jobs -rp)" ]]; do
   code=0
   wait -n || code=$?
-  remaining=$((remaining - 1))
-  if ((code != 0)); then
+  # 127: no child left; > 128 after our trap: the wait was interrupted, not a process exit.
+  if ((code == 0 || code == 127 || first_failure != 0)) || ((interrupted && code > 128)); then
+    continue
+  fi
+  first_failure=$code
+  echo "local.sh: a process exited with status ${code}; stopping the others." >&2
+  stop_all
+  # A process blocked in a collective with the failed one may not see SIGTERM.
+  for ((s = 0; s < ${GRACE_SECONDS:-30}; s++)); do
+    [[ -n "$(jobs -rp)" ]] || break
+    sleep 1
+  done
+  for pid in $(jobs -rp); do
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+done
+
+status=0
+for pid in "${pids[@]}"; do
+  code=0
+  wait "$pid" || code=$?
+  if ((status == 0 && code != 0)); then
     status=$code
-    echo "local.sh: a process exited with status ${code}; stopping the others." >&2
-    cleanup
-    # A process blocked in a collective with the failed one may not see SIGTERM.
-    for ((s = 0; s < ${GRACE_SECONDS:-30}; s++)); do
-      [[ -n "$(jobs -rp)" ]] || break
-      sleep 1
-    done
-    for pid in $(jobs -rp); do
-      kill -KILL "$pid" 2>/dev/null || true
-    done
-    wait || true
-    break
   fi
 done
-exit "$status"
+exit "$((first_failure != 0 ? first_failure : status))"
