@@ -10,18 +10,22 @@ output pixel (x, y) takes the input bilinearly sampled at `grid[y, x]`.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tusk_jax.ops import _checks
 from tusk_jax.ops.sampling import interpolate
 
 # Control points of the random warps: (+-0.7, +-0.7) and (+-0.5, +-0.5).
-_CONTROL_POINTS = jnp.array(
-    [[sx * r, sy * r] for r in (0.7, 0.5) for sx in (-1.0, 1.0) for sy in (-1.0, 1.0)]
+# numpy, not jnp: importing the ops must not start JAX's backends (multi-process
+# runs call jax.distributed.initialize first).
+_CONTROL_POINTS = np.array(
+    [[sx * r, sy * r] for r in (0.7, 0.5) for sx in (-1.0, 1.0) for sy in (-1.0, 1.0)],
+    np.float32,
 )
 _CONTROL_JITTER = 0.1
 # Fixed anchors on the border that keep their place (the reference's values,
 # including its -0.95 for the last one).
-_BORDER_ANCHORS = jnp.array(
+_BORDER_ANCHORS = np.array(
     [
         [-0.99, -0.99],
         [-0.99, 0.99],
@@ -31,7 +35,8 @@ _BORDER_ANCHORS = jnp.array(
         [0.0, 0.99],
         [0.99, 0.0],
         [-0.95, 0.0],
-    ]
+    ],
+    np.float32,
 )
 # The mild warp that turns an image into I1 (SPEC 4).
 MILD_TPS = dict(scale=0.98, scale_var=0.02, tps=0.03, off=0.02, rot=0.05)
