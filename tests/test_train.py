@@ -2,7 +2,8 @@
 
 Most tests feed a synthetic in-memory iterator (coloured squares) through the
 real loop, so they test training and not the datasets; the end-to-end run on
-the real pipeline lives in tests/test_main.py.
+the real pipeline lives in tests/test_main.py,
+tests/test_multiprocess.py and the shared run of tests/conftest.py.
 """
 
 import functools
