@@ -28,16 +28,7 @@ def get_config(variant: str | None = None):
     return base.finalize(
         config,
         variant,
-        cpu={
-            "dataset.image_size": 48,
-            "model.base_width": 16,
-            "model.window": 13,
-            "train.batch_size": 8,
-            "train.num_steps": 3000,
-            "train.log_every": 25,
-            "train.image_every": 250,
-            "train.checkpoint_every": 250,
-        },
+        cpu=base.cpu_overrides(**{"dataset.image_size": 48, "model.window": 13}),
         # The test variant checks the pipeline with MSE (no VGG16 file here).
         test=base.test_overrides(**{"loss.recon": "mse", "model.num_prototypes": 6}),
     )

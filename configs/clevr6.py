@@ -24,15 +24,6 @@ def get_config(variant: str | None = None):
     return base.finalize(
         config,
         variant,
-        cpu={
-            "dataset.image_size": 56,
-            "model.base_width": 16,
-            "model.window": 11,
-            "train.batch_size": 8,
-            "train.num_steps": 3000,
-            "train.log_every": 25,
-            "train.image_every": 250,
-            "train.checkpoint_every": 250,
-        },
+        cpu=base.cpu_overrides(**{"dataset.image_size": 56, "model.window": 11}),
         test=base.test_overrides(**{"model.num_keypoints": 6}),
     )

@@ -31,15 +31,7 @@ def get_config(variant: str | None = None):
         variant,
         # :cpu: the paper's image size (digits must stay ~20 px), a quarter of
         # the widths, 8 pairs per step.
-        cpu={
-            "model.base_width": 16,
-            "train.batch_size": 8,
-            "train.num_steps": 3000,
-            "train.log_every": 25,
-            "train.image_every": 250,
-            "train.checkpoint_every": 250,
-            "dataset.num_test": 2000,
-        },
+        cpu=base.cpu_overrides(**{"dataset.num_test": 2000}),
         test=base.test_overrides(
             **{"dataset.image_size": 32, "dataset.num_objects": 4, "model.num_keypoints": 4}
         ),

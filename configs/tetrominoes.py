@@ -31,16 +31,8 @@ def get_config(variant: str | None = None):
         # paper. M = 32 < the 48 descriptors of a batch: with M = 114 > 48 most
         # prototypes never receive a descriptor and the mixture collapses at this
         # batch size (measured with the reference, see issue 7).
-        cpu={
-            "dataset.image_size": 40,
-            "model.base_width": 16,
-            "model.window": 11,
-            "model.num_prototypes": 32,
-            "train.batch_size": 8,
-            "train.num_steps": 3000,
-            "train.log_every": 25,
-            "train.image_every": 250,
-            "train.checkpoint_every": 250,
-        },
+        cpu=base.cpu_overrides(
+            **{"dataset.image_size": 40, "model.window": 11, "model.num_prototypes": 32}
+        ),
         test=base.test_overrides(**{"model.num_prototypes": 6}),
     )
