@@ -97,6 +97,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.train.num_prototype_steps = 8
     # False: ablation, prototypes trained jointly in the encoder step.
     config.train.alternate = True
+    # What moves the prototypes: sliced_wasserstein (L_sw, the method) | kmeans
+    # (ablation, the paper's Table 6: L_km of the descriptors instead of L_sw).
+    config.train.prototype_objective = "sliced_wasserstein"
     # The reference scaled both lrs by the number of workers.
     config.train.scale_lr_by_devices = False
     config.train.log_every = 50  # Steps between metric writes.

@@ -54,6 +54,7 @@ def test_unknown_variant():
         ("loss.recon", "l1", "loss.recon"),
         ("dataset.image_size", 18, "not divisible"),
         ("train.learning_rate", 0.0, "train.learning_rate"),
+        ("train.prototype_objective", "vq", "train.prototype_objective"),
     ],
 )
 def test_invalid_value_named(field, value, message):

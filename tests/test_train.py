@@ -228,6 +228,22 @@ def test_sigterm_saves_and_stops(tmp_path, fake_data):
     assert int(train.train_and_evaluate(make_config(num_steps=4), str(tmp_path)).step) == 4
 
 
+def test_kmeans_ablation_pulls_prototypes_onto_descriptors():
+    """prototype_objective='kmeans': the prototype steps minimise L_km, not L_sw."""
+    config = make_config(prototype_objective="kmeans", num_prototype_steps=8)
+    model = models.TUSK(config.model)
+    state = train.create_train_state(config, model)
+    images = squares(0, config.train.batch_size).reshape(2, -1, IMAGE_SIZE, IMAGE_SIZE, 3)
+    new_state, metrics = train.make_p_train_step(config, model)(
+        train.replicate(state), images, None
+    )
+    assert "loss/sw" not in metrics
+    assert np.all(np.isfinite(np.asarray(metrics["loss/kmeans"])))
+    # L_km of the prototypes fell over the 8 steps (weighted, see prototype_loss_*).
+    assert float(metrics["prototype_loss_last"][0]) < float(metrics["prototype_loss_first"][0])
+    assert np.abs(np.asarray(new_state.prototypes[0]) - state.prototypes).max() > 0
+
+
 def test_joint_ablation_step_runs():
     config = make_config(alternate=False, num_prototype_steps=0)
     model = models.TUSK(config.model)

@@ -25,6 +25,9 @@ DATASET_TASKS = {
     "h36m": "landmarks",
 }
 CONFIG_FILE = "config.json"
+# What trains the prototypes (`train.prototype_objective`): the method's L_sw,
+# or the k-means ablation of the paper's Table 6.
+PROTOTYPE_OBJECTIVES = ("sliced_wasserstein", "kmeans")
 
 
 def _fail(field: str, message: str) -> None:
@@ -88,6 +91,12 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
         )
     if train.num_prototype_steps < 0:
         _fail("train.num_prototype_steps", "must be >= 0.")
+    objective = prototype_objective(config)
+    if objective not in PROTOTYPE_OBJECTIVES:
+        _fail(
+            "train.prototype_objective",
+            f"must be one of {', '.join(PROTOTYPE_OBJECTIVES)}, got {objective!r}.",
+        )
     if not train.alternate and train.num_prototype_steps:
         _fail(
             "train.num_prototype_steps",
@@ -99,6 +108,11 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     for field in ("num_steps", "log_every", "image_every", "checkpoint_every", "max_to_keep"):
         if train[field] < 1:
             _fail(f"train.{field}", f"must be >= 1, got {train[field]!r}.")
+
+
+def prototype_objective(config: ml_collections.ConfigDict) -> str:
+    """`train.prototype_objective`; runs saved before the field existed used L_sw."""
+    return config.train.get("prototype_objective", "sliced_wasserstein")
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -13,8 +13,9 @@ One iteration (`train_step`, `pmap`ped over the devices, axis 'batch'):
      steps of the prototypes on L_sw run in a `lax.scan`.
 Every device computes the same prototype update from the same gathered
 descriptors and the same key, so the prototypes stay identical everywhere
-without communication. With `train.alternate=False` (ablation) the
-prototypes are instead trained jointly with L_sw in the single step.
+without communication. Ablations (the paper's Tables 4 and 6):
+`train.alternate=False` trains the prototypes jointly in the single step;
+`train.prototype_objective='kmeans'` trains them with L_km instead of L_sw.
 """
 
 import functools
@@ -196,6 +197,13 @@ def train_step(
     both = jnp.concatenate([i1, i2], axis=0)
     weights = config.loss
     joint = not config.train.alternate
+    kmeans_prototypes = config_lib.prototype_objective(config) == "kmeans"
+
+    def prototype_objective(key, descriptors, prototypes):
+        """What the prototypes minimise: weighted L_sw, or L_km in the k-means ablation."""
+        if kmeans_prototypes:
+            return weights.kmeans_weight * losses.cluster_loss(config, descriptors, prototypes)
+        return weights.sw_weight * losses.prototype_loss(config, key, descriptors, prototypes)
 
     def loss_fn(params, prototypes):
         if not joint:
@@ -219,7 +227,8 @@ def train_step(
             + weights.eqv_score_weight * terms["eqv_score"]
             + weights.eqv_feature_weight * terms["eqv_feature"]
         )
-        if joint:
+        if joint and not kmeans_prototypes:
+            # (With k-means prototypes, the L_km term above already trains them.)
             descriptors = _gather_descriptors(out["descriptors"])
             terms["sw"] = losses.prototype_loss(config, prototype_key, descriptors, prototypes)
             total = total + weights.sw_weight * terms["sw"]
@@ -246,11 +255,8 @@ def train_step(
         def prototype_step(carry, index):
             prototypes, opt_state = carry
             loss, grad = jax.value_and_grad(
-                lambda p: (
-                    weights.sw_weight
-                    * losses.prototype_loss(
-                        config, jax.random.fold_in(prototype_key, index), descriptors, p
-                    )
+                lambda p: prototype_objective(
+                    jax.random.fold_in(prototype_key, index), descriptors, p
                 )
             )(prototypes)
             updates, opt_state = state.prototype_tx.update(grad, opt_state, prototypes)
@@ -264,8 +270,10 @@ def train_step(
             (prototypes, prototype_opt_state),
             jnp.arange(config.train.num_prototype_steps),
         )
-        terms["sw"] = sw_losses[0] / weights.sw_weight if weights.sw_weight else sw_losses[0]
-        metrics["sw_last"] = sw_losses[-1]
+        if not kmeans_prototypes:
+            terms["sw"] = sw_losses[0] / weights.sw_weight if weights.sw_weight else sw_losses[0]
+        metrics["prototype_loss_first"] = sw_losses[0]
+        metrics["prototype_loss_last"] = sw_losses[-1]
         metrics["prototype_grad_norm"] = sw_grad_norms[0]
 
     nearest = ops.nearest_prototype(descriptors, prototypes)
