@@ -30,9 +30,16 @@ def get_config(variant: str | None = None):
         # a quarter of the widths, 8 pairs: ~10x fewer FLOPs per pair than the
         # paper. M = 32 < the 48 descriptors of a batch: with M = 114 > 48 most
         # prototypes never receive a descriptor and the mixture collapses at this
-        # batch size (measured with the reference, see issue 7).
+        # batch size (measured with the reference, see issue 7). lr 3e-3 (base).
+        # 2000 steps: 51 minutes on one core of the 2-core development machine;
+        # ARI-FG 86.8, colour 99.96, shape 8.7 on the 10K test scenes (README).
         cpu=base.cpu_overrides(
-            **{"dataset.image_size": 40, "model.window": 11, "model.num_prototypes": 32}
+            **{
+                "dataset.image_size": 40,
+                "model.window": 11,
+                "model.num_prototypes": 32,
+                "train.num_steps": 2000,
+            }
         ),
         test=base.test_overrides(**{"model.num_prototypes": 6}),
     )
