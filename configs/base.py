@@ -117,11 +117,11 @@ def cpu_overrides(**extra) -> dict:
     """The `:cpu` variant's common part: about an hour on a 2-core CPU.
 
     A quarter of the paper's widths (base_width 16: ~1/4 of the FLOPs per
-    pixel), 8 pairs per step and 3x the paper's encoder/decoder learning rate:
-    on Tetrominoes:cpu, lr 3e-3 reached ARI-FG 68.4 after 250 steps where the
-    paper's 1e-3 reached 43.5 (500 test scenes, README "Results"). Every
-    checkpoint (each 250 steps) is kept for `tusk_jax.learning_curve`. Each
-    dataset adds its image size, window and step count.
+    pixel), 8 pairs per step and 3x the paper's encoder/decoder learning rate
+    (it learns faster at this batch: measured in the README's "Results at CPU
+    scale"). Every checkpoint (each 250 steps) is kept for
+    `tusk_jax.learning_curve`. Each dataset adds its image size, window and
+    step count.
     """
     overrides = {
         "model.base_width": 16,

@@ -31,8 +31,8 @@ def get_config(variant: str | None = None):
         # paper. M = 32 < the 48 descriptors of a batch: with M = 114 > 48 most
         # prototypes never receive a descriptor and the mixture collapses at this
         # batch size (measured with the reference, see issue 7). lr 3e-3 (base).
-        # 2000 steps: 51 minutes on one core of the 2-core development machine;
-        # ARI-FG 86.8, colour 99.96, shape 8.7 on the 10K test scenes (README).
+        # 2000 steps: under an hour on the 2-core development machine (results
+        # and timing: README "Results at CPU scale").
         cpu=base.cpu_overrides(
             **{
                 "dataset.image_size": 40,
