@@ -90,6 +90,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Training iterations (one encoder/decoder step + its prototype steps).
     config.train.num_steps = 200_000
     config.train.learning_rate = 1e-3  # Adam lr of encoder + decoder.
+    # Encoder + decoder lr over the run: constant (the paper) | cosine (linear
+    # warm-up over `warmup_steps`, then cosine decay to 0 at `num_steps`).
+    config.train.lr_schedule = "constant"
+    config.train.warmup_steps = 0  # Linear warm-up steps of the cosine schedule.
     config.train.prototype_learning_rate = 0.1  # Adam lr of the prototypes.
     config.train.prototype_b1 = 0.5  # Adam b1 of the prototypes.
     config.train.prototype_b2 = 0.999  # Adam b2 of the prototypes.

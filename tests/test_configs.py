@@ -55,6 +55,8 @@ def test_unknown_variant():
         ("dataset.image_size", 18, "not divisible"),
         ("train.learning_rate", 0.0, "train.learning_rate"),
         ("train.prototype_objective", "vq", "train.prototype_objective"),
+        ("train.lr_schedule", "step", "train.lr_schedule"),
+        ("train.warmup_steps", 4, "train.warmup_steps"),  # :test trains 4 steps.
     ],
 )
 def test_invalid_value_named(field, value, message):

@@ -147,14 +147,17 @@ def test_two_devices_equal_one_device():
     for name in history_two[0]:
         np.testing.assert_allclose(history_two[0][name], history_one[0][name], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(two.prototypes, one.prototypes, rtol=1e-4, atol=1e-5)
-    # Parameters as a whole: Adam divides by the gradient's scale, so a
-    # parameter whose gradient is exactly 0 up to float noise (the bias of the
-    # conv before the heatmap's GroupNorm) moves by +-lr on that noise.
+    # Parameters: Adam's first update is +-lr whatever the gradient's size, so
+    # an entry whose gradient is float noise (a conv tap with ~0 gradient, the
+    # bias of the conv before the heatmap's one-channel GroupNorm) lands on
+    # either side with the summation order. All but a handful of the ~61k
+    # entries must agree; a gradient not averaged across devices moves many.
     config, model, _, _ = compiled_step(1)
-    initial = train.create_train_state(config, model).params
+    lr = config.train.learning_rate
     flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
-    moved = np.linalg.norm(flat(one.params) - flat(initial))
-    assert np.linalg.norm(flat(two.params) - flat(one.params)) < 1e-2 * moved
+    differ = np.abs(flat(two.params) - flat(one.params))
+    assert differ.max() <= 2.01 * lr
+    assert np.mean(differ > 0.1 * lr) < 1e-3, int(np.sum(differ > 0.1 * lr))
 
 
 def test_resume_is_bitwise_identical(tmp_path, fake_data):
@@ -164,8 +167,9 @@ def test_resume_is_bitwise_identical(tmp_path, fake_data):
     assert int(resumed.step) == int(straight.step) == 4
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
-    logged = [r["step"] for r in summaries.read_metrics(str(tmp_path / "b"))]
-    assert logged == [1, 2, 3, 4]
+    records = summaries.read_metrics(str(tmp_path / "b"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert {r["learning_rate"] for r in records} == {make_config().train.learning_rate}
     assert os.path.exists(tmp_path / "b" / "config.json")
     assert tensorboard_image_tags(tmp_path / "a") == {
         "alpha",
@@ -242,6 +246,35 @@ def test_kmeans_ablation_pulls_prototypes_onto_descriptors():
     # L_km of the prototypes fell over the 8 steps (weighted, see prototype_loss_*).
     assert float(metrics["prototype_loss_last"][0]) < float(metrics["prototype_loss_first"][0])
     assert np.abs(np.asarray(new_state.prototypes[0]) - state.prototypes).max() > 0
+
+
+def test_cosine_learning_rate_schedule():
+    schedule = train.learning_rate_schedule(3e-3, "cosine", warmup_steps=10, num_steps=110)
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(5)), 1.5e-3, rtol=1e-6)  # Linear warm-up.
+    np.testing.assert_allclose(float(schedule(10)), 3e-3, rtol=1e-6)  # Peak.
+    np.testing.assert_allclose(float(schedule(60)), 1.5e-3, rtol=1e-5)  # Half-way down.
+    assert float(schedule(110)) == 0.0
+    decay = [float(schedule(s)) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay[:-1], decay[1:], strict=True))
+    assert train.learning_rate_schedule(3e-3, "constant", 0, 110) == 3e-3
+
+
+def test_cosine_optimizer_stops_moving_at_num_steps():
+    """With lr_schedule='cosine' the encoder/decoder Adam counts its own updates to 0 lr."""
+    config = make_config(lr_schedule="cosine", warmup_steps=1)  # :test: num_steps 4.
+    tx, _ = train.make_optimizers(config, device_count=1)
+    params = {"w": np.ones(3, np.float32)}
+    opt_state = tx.init(params)
+    grads = {"w": np.ones(3, np.float32)}
+    sizes = []
+    for _ in range(config.train.num_steps + 1):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        sizes.append(float(np.abs(updates["w"]).max()))
+    assert sizes[0] == 0.0  # Warm-up starts at 0.
+    assert sizes[1] == pytest.approx(config.train.learning_rate, rel=1e-3)  # Adam step = lr.
+    assert 0 < sizes[3] < sizes[2] < sizes[1]
+    assert sizes[4] == 0.0  # Update number num_steps + 1: the schedule has ended.
 
 
 def test_joint_ablation_step_runs():

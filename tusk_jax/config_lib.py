@@ -28,6 +28,8 @@ CONFIG_FILE = "config.json"
 # What trains the prototypes (`train.prototype_objective`): the method's L_sw,
 # or the k-means ablation of the paper's Table 6.
 PROTOTYPE_OBJECTIVES = ("sliced_wasserstein", "kmeans")
+# How the encoder/decoder learning rate moves over a run (`train.lr_schedule`).
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def _fail(field: str, message: str) -> None:
@@ -105,6 +107,17 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     for field in ("learning_rate", "prototype_learning_rate"):
         if train[field] <= 0:
             _fail(f"train.{field}", f"must be > 0, got {train[field]!r}.")
+    schedule, warmup_steps = lr_schedule(config)
+    if schedule not in LR_SCHEDULES:
+        _fail(
+            "train.lr_schedule",
+            f"must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}.",
+        )
+    if not 0 <= warmup_steps < train.num_steps:
+        _fail(
+            "train.warmup_steps",
+            f"must be in [0, train.num_steps={train.num_steps}), got {warmup_steps!r}.",
+        )
     for field in ("num_steps", "log_every", "image_every", "checkpoint_every", "max_to_keep"):
         if train[field] < 1:
             _fail(f"train.{field}", f"must be >= 1, got {train[field]!r}.")
@@ -113,6 +126,11 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
 def prototype_objective(config: ml_collections.ConfigDict) -> str:
     """`train.prototype_objective`; runs saved before the field existed used L_sw."""
     return config.train.get("prototype_objective", "sliced_wasserstein")
+
+
+def lr_schedule(config: ml_collections.ConfigDict) -> tuple[str, int]:
+    """(`train.lr_schedule`, `train.warmup_steps`); runs saved before they existed: constant."""
+    return config.train.get("lr_schedule", "constant"), config.train.get("warmup_steps", 0)
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:

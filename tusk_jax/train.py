@@ -79,26 +79,59 @@ class TrainState:
 def make_optimizers(
     config: ml_collections.ConfigDict, device_count: int | None = None
 ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
-    """Adam for encoder + decoder and Adam(b1=0.5) for the prototypes (SPEC 3)."""
+    """Adam for encoder + decoder and Adam(b1=0.5) for the prototypes (SPEC 3).
+
+    The encoder/decoder learning rate follows `train.lr_schedule` (see
+    `learning_rate_schedule`); the prototypes' is constant.
+    """
     scale = 1.0
     if config.train.scale_lr_by_devices:
         scale = float(jax.device_count() if device_count is None else device_count)
+    schedule, warmup_steps = config_lib.lr_schedule(config)
     return _optimizers(
         config.train.learning_rate * scale,
+        schedule,
+        int(warmup_steps),
+        int(config.train.num_steps),
         config.train.prototype_learning_rate * scale,
         config.train.prototype_b1,
         config.train.prototype_b2,
     )
 
 
+def learning_rate_schedule(
+    peak: float, schedule: str, warmup_steps: int, num_steps: int
+) -> float | optax.Schedule:
+    """The encoder/decoder learning rate: a constant, or a function of the step.
+
+    cosine: 0 -> `peak` linearly over `warmup_steps`, then a half cosine from
+    `peak` to 0 at `num_steps` (optax counts the Adam updates, so a resumed
+    run continues the same curve).
+    """
+    if schedule == "constant":
+        return peak
+    if schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=peak, warmup_steps=warmup_steps, decay_steps=num_steps
+        )
+    raise ValueError(f"unknown train.lr_schedule {schedule!r}; valid: {config_lib.LR_SCHEDULES}.")
+
+
 @functools.cache
-def _optimizers(learning_rate, prototype_learning_rate, prototype_b1, prototype_b2):
+def _optimizers(
+    learning_rate,
+    schedule,
+    warmup_steps,
+    num_steps,
+    prototype_learning_rate,
+    prototype_b1,
+    prototype_b2,
+):
     # Cached: the transformations are static fields of TrainState, hence part
     # of its tree structure; equal settings must give the very same objects or
     # every new state would compile the step again.
-    return optax.adam(learning_rate), optax.adam(
-        prototype_learning_rate, b1=prototype_b1, b2=prototype_b2
-    )
+    lr = learning_rate_schedule(learning_rate, schedule, warmup_steps, num_steps)
+    return optax.adam(lr), optax.adam(prototype_learning_rate, b1=prototype_b1, b2=prototype_b2)
 
 
 def replicate(tree: Any, devices: list | None = None) -> Any:
@@ -388,6 +421,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer = summaries.SummaryWriter(workdir)
     write_images = _ImageSummaries(config, writer)
     num_steps = config.train.num_steps
+    schedule, warmup_steps = config_lib.lr_schedule(config)
+    learning_rate = learning_rate_schedule(
+        config.train.learning_rate, schedule, warmup_steps, num_steps
+    )
     pending = None  # (step, device metrics): fetched one step late, not to stall dispatch
     accumulated: list[dict[str, float]] = []
     last_log_time = time.time()
@@ -401,6 +438,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             means = {k: float(np.mean([m[k] for m in accumulated])) for k in accumulated[0]}
             now = time.time()
             means["steps_per_second"] = len(accumulated) / max(now - last_log_time, 1e-9)
+            # The encoder/decoder lr of this step's update (before device scaling).
+            means["learning_rate"] = float(
+                learning_rate(step - 1) if callable(learning_rate) else learning_rate
+            )
             last_log_time = now
             writer.write_scalars(step, means)
             accumulated.clear()
