@@ -71,6 +71,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.loss.sw_weight = 1.0  # Weight of L_sw (prototype loss).
     config.loss.sw_num_projections = 100  # Random directions of the sliced Wasserstein distance.
     config.loss.sw_noise_std = 0.02  # Std of the prototype mixture components (variance 4e-4).
+    # Mixture sample counts from the weights: "last" (floor, remainder to the
+    # last prototype: the reference) | "largest_remainder" (for small batches,
+    # where N is not large against M; see tusk_jax.ops.prototypes).
+    config.loss.sw_count_rounding = "last"
 
     # ---- TPS pair making (tusk_jax/ops/warps.py, SPEC 4) ----
     config.tps = ml_collections.ConfigDict()

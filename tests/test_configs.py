@@ -56,6 +56,7 @@ def test_unknown_variant():
         ("train.learning_rate", 0.0, "train.learning_rate"),
         ("train.prototype_objective", "vq", "train.prototype_objective"),
         ("train.lr_schedule", "step", "train.lr_schedule"),
+        ("loss.sw_count_rounding", "nearest", "loss.sw_count_rounding"),
         ("train.warmup_steps", 4, "train.warmup_steps"),  # :test trains 4 steps.
     ],
 )

@@ -51,6 +51,33 @@ def test_prototype_counts_sum_and_favour_owner():
     np.testing.assert_array_equal(counts, expected)
 
 
+def test_largest_remainder_counts_spread_what_last_gives_the_last_prototype():
+    # A CPU-sized batch: N = 48 descriptors on 8 of M = 32 prototypes (6 each).
+    prototypes = jnp.asarray(np.eye(32, dtype=np.float32))
+    descriptors = jnp.asarray(np.eye(32, dtype=np.float32)[np.repeat(np.arange(8), 6)])
+    spread = np.array([0.0] * 8 + [1.0] * 24)  # s_m: 0 on the used, 1 on the unused.
+    weight = np.array([6.0] * 8 + [0.0] * 24) + 48 * (0.01 + np.var(spread))
+    exact = weight / weight.sum() * 48
+    last = np.asarray(ops.prototype_counts(descriptors, prototypes, "last"))
+    spread_out = np.asarray(ops.prototype_counts(descriptors, prototypes, "largest_remainder"))
+    for counts in (last, spread_out):
+        assert counts.dtype == np.int32 and counts.sum() == 48 and np.all(counts >= 0)
+    remainder = 48 - int(np.floor(exact).sum())
+    assert remainder == 8  # exact: 2.11 on the used, 1.30 on the unused.
+    np.testing.assert_array_equal(last[:-1], np.floor(exact[:-1]))
+    assert last[-1] == np.floor(exact[-1]) + remainder  # The reference: 9 samples for 1.3.
+    assert np.all((spread_out == np.floor(exact)) | (spread_out == np.ceil(exact)))
+    # The unused prototypes have the larger fractional part (0.30 against 0.11):
+    # the 8 extra samples go to the first 8 of them (equal fractions: lowest index).
+    assert list(np.flatnonzero(spread_out > np.floor(exact))) == list(range(8, 16))
+    expected = np.floor(exact).astype(int)
+    by_fraction = np.argsort(-(exact - np.floor(exact)), kind="stable")
+    expected[by_fraction[:remainder]] += 1
+    np.testing.assert_array_equal(spread_out, expected)
+    with pytest.raises(ValueError, match="rounding"):
+        ops.prototype_counts(descriptors, prototypes, "nearest")
+
+
 def test_prototype_counts_balanced_when_descriptors_are_balanced():
     prototypes = jnp.asarray(np.eye(3, 3, dtype=np.float32))
     descriptors = jnp.asarray(np.eye(3, 3, dtype=np.float32)[np.repeat(np.arange(3), 4)])

@@ -13,7 +13,7 @@ import os
 import jax
 import ml_collections
 
-from tusk_jax import models
+from tusk_jax import models, ops
 
 # The evaluation protocol of each dataset (SPEC section 6).
 DATASET_TASKS = {
@@ -107,6 +107,11 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     for field in ("learning_rate", "prototype_learning_rate"):
         if train[field] <= 0:
             _fail(f"train.{field}", f"must be > 0, got {train[field]!r}.")
+    if sw_count_rounding(config) not in ops.COUNT_ROUNDINGS:
+        _fail(
+            "loss.sw_count_rounding",
+            f"must be one of {', '.join(ops.COUNT_ROUNDINGS)}, got {sw_count_rounding(config)!r}.",
+        )
     schedule, warmup_steps = lr_schedule(config)
     if schedule not in LR_SCHEDULES:
         _fail(
@@ -126,6 +131,11 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
 def prototype_objective(config: ml_collections.ConfigDict) -> str:
     """`train.prototype_objective`; runs saved before the field existed used L_sw."""
     return config.train.get("prototype_objective", "sliced_wasserstein")
+
+
+def sw_count_rounding(config: ml_collections.ConfigDict) -> str:
+    """`loss.sw_count_rounding`; runs saved before it existed: the reference's "last"."""
+    return config.loss.get("sw_count_rounding", "last")
 
 
 def lr_schedule(config: ml_collections.ConfigDict) -> tuple[str, int]:

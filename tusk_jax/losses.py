@@ -78,4 +78,5 @@ def prototype_loss(
         prototypes,
         config.loss.sw_num_projections,
         config.loss.sw_noise_std,
+        config_lib.sw_count_rounding(config),
     )

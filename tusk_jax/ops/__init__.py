@@ -13,6 +13,7 @@ from tusk_jax.ops.keypoints import (
     top_k_peaks,
 )
 from tusk_jax.ops.prototypes import (
+    COUNT_ROUNDINGS,
     kmeans_loss,
     l2_normalize,
     nearest_prototype,
@@ -37,6 +38,7 @@ from tusk_jax.ops.warps import (
 )
 
 __all__ = [
+    "COUNT_ROUNDINGS",
     "MILD_TPS",
     "bilinear_sample",
     "detect_keypoints",

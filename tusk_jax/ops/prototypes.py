@@ -67,23 +67,42 @@ def kmeans_loss(
     return jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.max(logits, axis=1))
 
 
-def prototype_counts(descriptors: jax.Array, prototypes: jax.Array) -> jax.Array:
+# How `prototype_counts` turns the mixture weights into integer sample counts.
+# "last": floor(weight_m N), the remainder to the last prototype (the paper's
+# reference, SPEC section 3). "largest_remainder": floor, then one more sample
+# to each of the prototypes with the largest fractional parts until the counts
+# sum to N (every count is floor or ceil of weight_m N). They agree when N is
+# large against M; when it is not (a CPU-sized batch: N = 48 descriptors for
+# M = 32 prototypes), "last" gives the last prototype up to M - 1 extra samples
+# and every prototype whose weight_m N is below 1 none, so unused prototypes
+# are never pulled toward the descriptors.
+COUNT_ROUNDINGS = ("last", "largest_remainder")
+
+
+def prototype_counts(
+    descriptors: jax.Array, prototypes: jax.Array, rounding: str = "last"
+) -> jax.Array:
     """How many of the N mixture samples each prototype gets (SPEC section 3).
 
     Each descriptor is assigned to its nearest prototype; r_m is the count of
     prototype m and s_m the mean squared L2 deviation of its descriptors from
     it (1 where it has none); a is the variance of the s_m over m. Weights
-    r_m + N (0.01 + a), normalised, give floor(weight_m N) samples, the
-    remainder going to the last prototype. Not differentiable (integer).
+    r_m + N (0.01 + a), normalised, give floor(weight_m N) samples; the
+    remainder goes to the last prototype (`rounding="last"`, the reference)
+    or one each to the largest fractional parts (`"largest_remainder"`, see
+    `COUNT_ROUNDINGS`). Not differentiable (integer).
 
     Args:
       descriptors: `[N, C]`.
       prototypes: `[M, C]` (normalised here).
+      rounding: one of `COUNT_ROUNDINGS` (static).
 
     Returns:
       int32 `[M]`, non-negative, summing to N.
     """
     _check_pair(descriptors, prototypes)
+    if rounding not in COUNT_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {COUNT_ROUNDINGS}, got {rounding!r}.")
     descriptors = jax.lax.stop_gradient(descriptors)
     prototypes = l2_normalize(jax.lax.stop_gradient(prototypes))
     n, m = descriptors.shape[0], prototypes.shape[0]
@@ -93,8 +112,14 @@ def prototype_counts(descriptors: jax.Array, prototypes: jax.Array) -> jax.Array
     spread = jnp.where(count > 0, jnp.sum(owner * distances, axis=0) / jnp.maximum(count, 1.0), 1.0)
     weight = count + n * (0.01 + jnp.var(spread))
     weight = weight / jnp.sum(weight)
-    counts = jnp.floor(weight * n).astype(jnp.int32)
-    return counts.at[-1].add(n - jnp.sum(counts))
+    exact = weight * n
+    counts = jnp.floor(exact).astype(jnp.int32)
+    remainder = n - jnp.sum(counts)  # In [0, M); traced.
+    if rounding == "last":
+        return counts.at[-1].add(remainder)
+    # Rank of each prototype by fractional part, largest first (ties: lowest index).
+    rank = jnp.argsort(jnp.argsort(-(exact - counts), stable=True), stable=True)
+    return counts + (rank < remainder).astype(jnp.int32)
 
 
 def sample_prototype_mixture(
@@ -175,10 +200,12 @@ def sliced_wasserstein_loss(
     prototypes: jax.Array,
     num_projections: int = 100,
     noise_std: float = 0.02,
+    count_rounding: str = "last",
 ) -> jax.Array:
     """The prototype loss L_sw: descriptors vs. a sample of the prototype mixture.
 
-    The mixture's component sizes come from `prototype_counts` (no gradient);
+    The mixture's component sizes come from `prototype_counts` (no gradient,
+    rounded by `count_rounding`);
     N points are sampled from it (`sample_prototype_mixture`) and compared to
     the descriptors with `sliced_wasserstein` on `num_projections` random unit
     directions. Differentiable w.r.t. `prototypes` and `descriptors`.
@@ -189,6 +216,7 @@ def sliced_wasserstein_loss(
       prototypes: `[M, C]` (normalised here).
       num_projections: number of random directions P.
       noise_std: std of each mixture component.
+      count_rounding: `prototype_counts`' `rounding` (static).
 
     Returns:
       scalar >= 0.
@@ -196,7 +224,7 @@ def sliced_wasserstein_loss(
     _check_pair(descriptors, prototypes)
     _checks.check_positive("num_projections", num_projections)
     key_sample, key_directions = jax.random.split(key)
-    counts = prototype_counts(descriptors, prototypes)
+    counts = prototype_counts(descriptors, prototypes, count_rounding)
     target = sample_prototype_mixture(
         key_sample, prototypes, counts, descriptors.shape[0], noise_std
     )
