@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tusk_jax import ops, perceptual
+from tusk_jax import config_lib, ops, perceptual
 
 
 def reconstruction_loss(
