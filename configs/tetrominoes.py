@@ -30,7 +30,9 @@ def get_config(variant: str | None = None):
         # a quarter of the widths, 8 pairs: ~10x fewer FLOPs per pair than the
         # paper. M = 32 < the 48 descriptors of a batch: with M = 114 > 48 most
         # prototypes never receive a descriptor and the mixture collapses at this
-        # batch size (measured with the reference, see issue 7). lr 3e-3 (base).
+        # batch size (measured with the reference, see issue 7; likely cause: the
+        # reference's rounding of the mixture counts, loss.sw_count_rounding: the
+        # README's M = 114 run at 20 pairs). lr 3e-3 (base).
         # 2000 steps: under an hour on the 2-core development machine (results
         # and timing: README "Results at CPU scale").
         cpu=base.cpu_overrides(
