@@ -107,10 +107,11 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     for field in ("learning_rate", "prototype_learning_rate"):
         if train[field] <= 0:
             _fail(f"train.{field}", f"must be > 0, got {train[field]!r}.")
-    if sw_count_rounding(config) not in ops.COUNT_ROUNDINGS:
+    rounding = sw_count_rounding(config)
+    if rounding not in ops.COUNT_ROUNDINGS:
         _fail(
             "loss.sw_count_rounding",
-            f"must be one of {', '.join(ops.COUNT_ROUNDINGS)}, got {sw_count_rounding(config)!r}.",
+            f"must be one of {', '.join(ops.COUNT_ROUNDINGS)}, got {rounding!r}.",
         )
     schedule, warmup_steps = lr_schedule(config)
     if schedule not in LR_SCHEDULES:

@@ -117,6 +117,15 @@ def learning_rate_schedule(
     raise ValueError(f"unknown train.lr_schedule {schedule!r}; valid: {config_lib.LR_SCHEDULES}.")
 
 
+def learning_rate_at(config: ml_collections.ConfigDict, update: int) -> float:
+    """The encoder/decoder lr of 0-based Adam update `update`, before device scaling."""
+    schedule, warmup_steps = config_lib.lr_schedule(config)
+    lr = learning_rate_schedule(
+        config.train.learning_rate, schedule, warmup_steps, config.train.num_steps
+    )
+    return float(lr(update) if callable(lr) else lr)
+
+
 @functools.cache
 def _optimizers(
     learning_rate,
@@ -421,10 +430,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer = summaries.SummaryWriter(workdir)
     write_images = _ImageSummaries(config, writer)
     num_steps = config.train.num_steps
-    schedule, warmup_steps = config_lib.lr_schedule(config)
-    learning_rate = learning_rate_schedule(
-        config.train.learning_rate, schedule, warmup_steps, num_steps
-    )
     pending = None  # (step, device metrics): fetched one step late, not to stall dispatch
     accumulated: list[dict[str, float]] = []
     last_log_time = time.time()
@@ -438,10 +443,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             means = {k: float(np.mean([m[k] for m in accumulated])) for k in accumulated[0]}
             now = time.time()
             means["steps_per_second"] = len(accumulated) / max(now - last_log_time, 1e-9)
-            # The encoder/decoder lr of this step's update (before device scaling).
-            means["learning_rate"] = float(
-                learning_rate(step - 1) if callable(learning_rate) else learning_rate
-            )
+            means["learning_rate"] = learning_rate_at(config, step - 1)
             last_log_time = now
             writer.write_scalars(step, means)
             accumulated.clear()

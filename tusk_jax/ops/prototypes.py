@@ -118,7 +118,7 @@ def prototype_counts(
     if rounding == "last":
         return counts.at[-1].add(remainder)
     # Rank of each prototype by fractional part, largest first (ties: lowest index).
-    rank = jnp.argsort(jnp.argsort(-(exact - counts), stable=True), stable=True)
+    rank = jnp.argsort(jnp.argsort(-(exact - counts), stable=True))
     return counts + (rank < remainder).astype(jnp.int32)
 
 
