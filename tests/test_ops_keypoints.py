@@ -51,10 +51,29 @@ def test_interior_lit_pixel_exact_at_default_temperature():
     np.testing.assert_array_equal(confidence, [1.0])
 
 
-def test_outside_pixels_do_not_contribute():
+def test_zero_padded_border_counts_outside_pixels_as_score_zero():
+    # The reference zero-pads: a lit corner pixel on a zero map stays exactly
+    # in place (the outside pixels weigh exp(0) = 1 like the inside zeros)...
+    xy, _ = ops.detect_keypoints(lit(9, 9, [(8, 0)]), 1, 5, border="zeros")
+    np.testing.assert_allclose(xy, [[8.0, 0.0]], atol=1e-6)
+    # ... and a uniform map v pulls a corner peak inwards. Window 3 at (0, 0):
+    # 4 inside pixels of weight w = e^(v / 0.2) with x offsets 0, 1, 0, 1 and
+    # 5 outside pixels of weight 1 with x offsets -1, -1, -1, 0, 1:
+    # dx = (2 w - 2) / (4 w + 5), and dy the same by symmetry.
+    v = 0.5
+    w = np.exp(v / 0.2)
+    xy = ops.soft_argmax_refine(jnp.full((6, 6), v), jnp.array([[0, 0]]), 3, 0.2, border="zeros")
+    expected = (2 * w - 2) / (4 * w + 5)
+    np.testing.assert_allclose(np.asarray(xy), [[expected, expected]], rtol=1e-6)
+    # Left out ("inside"), the uniform map leaves the 4 inside pixels: dx = 1/2.
+    xy = ops.soft_argmax_refine(jnp.full((6, 6), v), jnp.array([[0, 0]]), 3, 0.2, border="inside")
+    np.testing.assert_allclose(np.asarray(xy), [[0.5, 0.5]], rtol=1e-6)
+
+
+def test_inside_border_leaves_outside_pixels_out():
     # In a corner the patch is cut; the in-image background pulls the estimate
     # inward, but nothing outside the image pulls it outward.
-    xy, _ = ops.detect_keypoints(lit(9, 9, [(8, 0)]), 1, 5)
+    xy, _ = ops.detect_keypoints(lit(9, 9, [(8, 0)]), 1, 5, border="inside")
     x, y = np.asarray(xy[0])
     assert x < 8.0 and y > 0.0
     # Hand value: weights e^(1/0.2) at the peak, 1 at the 8 other in-image pixels.

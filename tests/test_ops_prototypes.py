@@ -78,6 +78,31 @@ def test_largest_remainder_counts_spread_what_last_gives_the_last_prototype():
         ops.prototype_counts(descriptors, prototypes, "nearest")
 
 
+def test_spread_is_the_channel_mean_as_in_the_reference():
+    # M = 8 prototypes e_0..e_7 in C = 8; N = 8 unit descriptors, all nearest
+    # to e_0: 0.6 on channel 0, 0.8 / sqrt(7) on each other channel, so
+    # |D - e_0|^2 = 2 - 2 * 0.6 = 0.8 (to any other e_j: 2 - 2 * 0.302 = 1.40).
+    prototypes = jnp.asarray(np.eye(8, dtype=np.float32))
+    row = np.full(8, 0.8 / np.sqrt(7.0))
+    row[0] = 0.6
+    descriptors = jnp.asarray(np.tile(row, (8, 1)).astype(np.float32))
+    # The reference: s_0 = 0.8 / C = 0.1, s_1..7 = 1 (unused); var(s) =
+    # (0.7875^2 + 7 * 0.1125^2) / 8 = 0.0885938; each weight gets
+    # N (0.01 + var) = 0.78875: (8.78875, 0.78875 x 7) / 14.31 x 8 =
+    # (4.913, 0.441 x 7) -> floors (4, 0 x 7), the remainder 4 to the last.
+    np.testing.assert_array_equal(
+        ops.prototype_counts(descriptors, prototypes), [4, 0, 0, 0, 0, 0, 0, 4]
+    )
+    # Summed over the channels: s_0 = 0.8, var(s) = 0.004375, each weight
+    # gets 0.115: (8.115, 0.115 x 7) / 8.92 x 8 = (7.278, 0.103 x 7) -> (7, 0 x 6, 1).
+    np.testing.assert_array_equal(
+        ops.prototype_counts(descriptors, prototypes, spread="channel_sum"),
+        [7, 0, 0, 0, 0, 0, 0, 1],
+    )
+    with pytest.raises(ValueError, match="spread"):
+        ops.prototype_counts(descriptors, prototypes, spread="channel_max")
+
+
 def test_prototype_counts_balanced_when_descriptors_are_balanced():
     prototypes = jnp.asarray(np.eye(3, 3, dtype=np.float32))
     descriptors = jnp.asarray(np.eye(3, 3, dtype=np.float32)[np.repeat(np.arange(3), 4)])

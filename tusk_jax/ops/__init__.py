@@ -7,6 +7,7 @@
 """
 
 from tusk_jax.ops.keypoints import (
+    SOFT_ARGMAX_BORDERS,
     detect_keypoints,
     non_max_suppression,
     soft_argmax_refine,
@@ -14,6 +15,7 @@ from tusk_jax.ops.keypoints import (
 )
 from tusk_jax.ops.prototypes import (
     COUNT_ROUNDINGS,
+    SPREADS,
     kmeans_loss,
     l2_normalize,
     nearest_prototype,
@@ -39,6 +41,8 @@ from tusk_jax.ops.warps import (
 
 __all__ = [
     "COUNT_ROUNDINGS",
+    "SOFT_ARGMAX_BORDERS",
+    "SPREADS",
     "MILD_TPS",
     "bilinear_sample",
     "detect_keypoints",

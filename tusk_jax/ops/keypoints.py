@@ -12,6 +12,11 @@ from jax import lax
 from tusk_jax.ops import _checks
 from tusk_jax.ops.sampling import bilinear_sample
 
+# What the soft-argmax window sees beyond the image border: "zeros" (the
+# reference zero-pads the score map, so outside pixels weigh exp(0) = 1 and
+# pull border keypoints inwards) | "inside" (outside pixels are left out).
+SOFT_ARGMAX_BORDERS = ("zeros", "inside")
+
 
 def _check_score_map(score_map: jax.Array) -> None:
     _checks.check_rank("score_map", score_map, 2)
@@ -70,20 +75,26 @@ def top_k_peaks(score_map: jax.Array, k: int, window: int) -> tuple[jax.Array, j
 
 
 def soft_argmax_refine(
-    score_map: jax.Array, peaks_xy: jax.Array, window: int, temperature: float
+    score_map: jax.Array,
+    peaks_xy: jax.Array,
+    window: int,
+    temperature: float,
+    border: str = "zeros",
 ) -> jax.Array:
     """Refines integer peaks to sub-pixel locations by a patch soft-argmax.
 
     Each location is the mean of the pixel coordinates of the `window` x
-    `window` patch centred on the peak, weighted by exp(score / temperature);
-    pixels outside the image do not contribute. Differentiable w.r.t.
-    `score_map`.
+    `window` patch centred on the peak, weighted by exp(score / temperature).
+    Pixels outside the image count as score 0 (`border="zeros"`, the
+    reference's zero padding) or do not contribute (`"inside"`).
+    Differentiable w.r.t. `score_map`.
 
     Args:
       score_map: `[H, W]` float scores.
       peaks_xy: int `[K, 2]` (x, y) pixel coordinates of the peaks.
       window: odd patch side, in pixels.
       temperature: softness (> 0); small values approach the patch argmax.
+      border: one of `SOFT_ARGMAX_BORDERS` (static).
 
     Returns:
       `[K, 2]` float (x, y) pixel coordinates.
@@ -92,6 +103,8 @@ def soft_argmax_refine(
     _checks.check_window(window)
     _checks.check_rank("peaks_xy", peaks_xy, 2, last_dim=2)
     _checks.check_positive("temperature", temperature)
+    if border not in SOFT_ARGMAX_BORDERS:
+        raise ValueError(f"border must be one of {SOFT_ARGMAX_BORDERS}, got {border!r}.")
     height, width = score_map.shape
     radius = window // 2
     offsets = jnp.arange(-radius, radius + 1)
@@ -101,7 +114,8 @@ def soft_argmax_refine(
     xs, ys = jnp.broadcast_arrays(xs, ys)
     inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
     values = score_map[jnp.clip(ys, 0, height - 1), jnp.clip(xs, 0, width - 1)]
-    logits = jnp.where(inside, values / temperature, -jnp.inf)
+    outside_logit = 0.0 if border == "zeros" else -jnp.inf
+    logits = jnp.where(inside, values / temperature, outside_logit)
     weights = jax.nn.softmax(logits.reshape(logits.shape[0], -1), axis=-1).reshape(logits.shape)
     # Offsets from the peak rather than absolute coordinates: the sum is then
     # small and exact for symmetric patches (a lone peak stays on its pixel).
@@ -111,7 +125,7 @@ def soft_argmax_refine(
 
 
 def detect_keypoints(
-    score_map: jax.Array, k: int, window: int, temperature: float = 0.2
+    score_map: jax.Array, k: int, window: int, temperature: float = 0.2, border: str = "zeros"
 ) -> tuple[jax.Array, jax.Array]:
     """Top-`k` NMS peaks refined by patch soft-argmax, with their confidence.
 
@@ -123,12 +137,13 @@ def detect_keypoints(
       k: number of keypoints (Python int).
       window: odd NMS / soft-argmax window side, in pixels.
       temperature: soft-argmax temperature tau (0.2 in the reference).
+      border: `soft_argmax_refine`'s border rule (`SOFT_ARGMAX_BORDERS`).
 
     Returns:
       `(xy, confidence)`: `xy` `[K, 2]` float (x, y) pixels, `confidence`
       `[K]` the score map bilinearly interpolated at `xy`.
     """
     peaks_xy, _ = top_k_peaks(lax.stop_gradient(score_map), k, window)
-    xy = soft_argmax_refine(score_map, peaks_xy, window, temperature)
+    xy = soft_argmax_refine(score_map, peaks_xy, window, temperature, border)
     confidence = bilinear_sample(score_map[:, :, None], xy)[:, 0]
     return xy, confidence

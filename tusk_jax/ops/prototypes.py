@@ -77,16 +77,25 @@ def kmeans_loss(
 # and every prototype whose weight_m N is below 1 none, so unused prototypes
 # are never pulled toward the descriptors.
 COUNT_ROUNDINGS = ("last", "largest_remainder")
+# s_m, the spread of prototype m: "channel_mean" is the mean over its
+# descriptors and over the C channels of (D_i - P_m)^2 (the reference's
+# `torch.mean`, SPEC section 3); "channel_sum" sums over the channels (C times
+# larger; what tusk_jax computed before following the reference).
+SPREADS = ("channel_mean", "channel_sum")
 
 
 def prototype_counts(
-    descriptors: jax.Array, prototypes: jax.Array, rounding: str = "last"
+    descriptors: jax.Array,
+    prototypes: jax.Array,
+    rounding: str = "last",
+    spread: str = "channel_mean",
 ) -> jax.Array:
     """How many of the N mixture samples each prototype gets (SPEC section 3).
 
     Each descriptor is assigned to its nearest prototype; r_m is the count of
-    prototype m and s_m the mean squared L2 deviation of its descriptors from
-    it (1 where it has none); a is the variance of the s_m over m. Weights
+    prototype m and s_m the mean over its descriptors and over the C channels
+    of (D_i - P_m)^2 (`spread`, see `SPREADS`; 1 where it has none); a is the
+    (population) variance of the s_m over m. Weights
     r_m + N (0.01 + a), normalised, give floor(weight_m N) samples; the
     remainder goes to the last prototype (`rounding="last"`, the reference)
     or one each to the largest fractional parts (`"largest_remainder"`, see
@@ -96,6 +105,7 @@ def prototype_counts(
       descriptors: `[N, C]`.
       prototypes: `[M, C]` (normalised here).
       rounding: one of `COUNT_ROUNDINGS` (static).
+      spread: one of `SPREADS` (static).
 
     Returns:
       int32 `[M]`, non-negative, summing to N.
@@ -103,13 +113,17 @@ def prototype_counts(
     _check_pair(descriptors, prototypes)
     if rounding not in COUNT_ROUNDINGS:
         raise ValueError(f"rounding must be one of {COUNT_ROUNDINGS}, got {rounding!r}.")
+    if spread not in SPREADS:
+        raise ValueError(f"spread must be one of {SPREADS}, got {spread!r}.")
     descriptors = jax.lax.stop_gradient(descriptors)
     prototypes = l2_normalize(jax.lax.stop_gradient(prototypes))
     n, m = descriptors.shape[0], prototypes.shape[0]
     distances = _squared_distances(descriptors, prototypes)  # [N, M]
     owner = jax.nn.one_hot(jnp.argmin(distances, axis=1), m, dtype=descriptors.dtype)  # [N, M]
     count = jnp.sum(owner, axis=0)
-    spread = jnp.where(count > 0, jnp.sum(owner * distances, axis=0) / jnp.maximum(count, 1.0), 1.0)
+    per_channel = distances / descriptors.shape[1] if spread == "channel_mean" else distances
+    total = jnp.sum(owner * per_channel, axis=0)
+    spread = jnp.where(count > 0, total / jnp.maximum(count, 1.0), 1.0)
     weight = count + n * (0.01 + jnp.var(spread))
     weight = weight / jnp.sum(weight)
     exact = weight * n
@@ -201,6 +215,7 @@ def sliced_wasserstein_loss(
     num_projections: int = 100,
     noise_std: float = 0.02,
     count_rounding: str = "last",
+    spread: str = "channel_mean",
 ) -> jax.Array:
     """The prototype loss L_sw: descriptors vs. a sample of the prototype mixture.
 
@@ -217,6 +232,7 @@ def sliced_wasserstein_loss(
       num_projections: number of random directions P.
       noise_std: std of each mixture component.
       count_rounding: `prototype_counts`' `rounding` (static).
+      spread: `prototype_counts`' `spread` (static).
 
     Returns:
       scalar >= 0.
@@ -224,7 +240,7 @@ def sliced_wasserstein_loss(
     _check_pair(descriptors, prototypes)
     _checks.check_positive("num_projections", num_projections)
     key_sample, key_directions = jax.random.split(key)
-    counts = prototype_counts(descriptors, prototypes, count_rounding)
+    counts = prototype_counts(descriptors, prototypes, count_rounding, spread)
     target = sample_prototype_mixture(
         key_sample, prototypes, counts, descriptors.shape[0], noise_std
     )
