@@ -232,9 +232,15 @@ def test_methods_compose_to_call(alpha_run, alpha_five):
         np.testing.assert_allclose(parts[key], out[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-def test_extract_reads_peaks_and_features():
+@pytest.mark.parametrize(
+    "border, sampling", [("inside", "bilinear"), ("zeros", "nearest"), ("zeros", "bilinear")]
+)
+def test_extract_reads_peaks_and_features(border, sampling):
     """Lit pixels become keypoints; descriptors are the normalised features there."""
-    model = TUSK(small_config().model)  # window 5, temperature 0.2
+    config = small_config()  # window 5, temperature 0.2
+    config.model.soft_argmax_border = border
+    config.model.descriptor_sampling = sampling
+    model = TUSK(config.model)
     score = np.zeros((1, SIZE, SIZE), np.float32)
     # (x, y) and value; the corner peak's window is clipped by the border.
     peaks = [((3, 12), 1.0), ((10, 4), 0.9), ((0, 0), 0.8)]
@@ -244,18 +250,68 @@ def test_extract_reads_peaks_and_features():
     extract = jax.jit(lambda s, f: model.apply({}, s, f, 3, method=TUSK.extract))
     out = jax.tree.map(np.asarray, extract(score, feats))
     # Inside the image the 5x5 window is symmetric: the soft-argmax stays on
-    # the peak. In the corner only the 3x3 pixels inside count: weight
-    # exp(0.8 / 0.2) on (0, 0) and 1 on the 8 others, whose x sum to 9.
-    corner = 9 / (np.exp(0.8 / 0.2) + 8)
+    # the peak. In the corner with the border left out only the 3x3 pixels
+    # inside count: weight exp(0.8 / 0.2) on (0, 0) and 1 on the 8 others,
+    # whose x sum to 9. Zero-padded, the outside pixels weigh 1 like the
+    # inside zeros: the window is symmetric again.
+    corner = 9 / (np.exp(0.8 / 0.2) + 8) if border == "inside" else 0.0
     expected_xy = np.array([[3, 12], [10, 4], [corner, corner]], np.float32)
     np.testing.assert_allclose(out["keypoints"][0], expected_xy, atol=1e-5)
     for i, (x, y) in enumerate(expected_xy):
         np.testing.assert_allclose(out["confidence"][0, i], bilinear(score[0], x, y), rtol=1e-5)
-        sample = bilinear(feats[0], x, y)
+        sample = bilinear(feats[0], x, y) if sampling == "bilinear" else feats[0, int(y), int(x)]
         np.testing.assert_allclose(
             out["descriptors"][0, i], sample / np.linalg.norm(sample), rtol=1e-4, atol=1e-6
         )
     np.testing.assert_allclose(out["confidence"][0, :2], [1.0, 0.9], rtol=1e-6)
+
+
+@pytest.mark.parametrize("sampling", ["nearest", "bilinear_stop_gradient", "bilinear"])
+def test_descriptor_sampling_location_and_gradient(sampling):
+    """`nearest` reads the truncated pixel; only `bilinear` passes a gradient to the location."""
+    from tusk_jax.models import sample_descriptors
+
+    feats = jnp.asarray(np.random.default_rng(1).normal(size=(6, 7, 3)).astype(np.float32))
+    xy = jnp.array([[2.7, 3.2], [0.4, 4.9]])
+    got = np.asarray(sample_descriptors(feats, xy, sampling))
+    if sampling == "nearest":  # Truncated: (2, 3) and (0, 4).
+        np.testing.assert_array_equal(got, np.asarray(feats)[[3, 4], [2, 0]])
+    else:
+        expected = [bilinear(np.asarray(feats), x, y) for x, y in np.asarray(xy)]
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+    grad = jax.grad(lambda p: jnp.sum(sample_descriptors(feats, p, sampling) ** 2))(xy)
+    assert np.all(np.isfinite(grad))
+    assert (np.abs(np.asarray(grad)).sum() > 0) == (sampling == "bilinear")
+
+
+def test_upsample_align_corners_keeps_the_corner_values():
+    """align_corners=True: output corners equal input corners; samples in between are linear."""
+    from tusk_jax.models import upsample2x
+
+    # [1, 2, 3, 1]: columns 0, 1, 2.
+    x = jnp.arange(3.0)[None, None, :, None] * jnp.ones((1, 2, 1, 1))
+    up = np.asarray(upsample2x(x, align_corners=True))[0, 0, :, 0]
+    # 6 outputs at input positions i * (3 - 1) / (6 - 1) = 0, 0.4, ..., 2.
+    np.testing.assert_allclose(up, np.arange(6) * 0.4, rtol=1e-6, atol=1e-7)
+    half_pixel = np.asarray(upsample2x(x, align_corners=False))[0, 0, :, 0]
+    np.testing.assert_allclose(half_pixel, [0, 0.25, 0.75, 1.25, 1.75, 2], atol=1e-6)
+
+
+def test_group_norm_groups_and_pytorch_init():
+    """Stage GroupNorm groups are capped at the width; conv weights start in +-1/sqrt(fan_in)."""
+    from tusk_jax.models import stage_groups
+
+    assert [stage_groups(32, w) for w in (8, 16, 32, 64)] == [8, 16, 32, 32]
+    config = small_config()
+    variables = jax.jit(TUSK(config.model).init)(jax.random.key(0), images())
+    kernel = np.asarray(variables["params"]["encoder"]["unet"]["down0"]["conv0"]["kernel"])
+    bias = np.asarray(variables["params"]["encoder"]["unet"]["down0"]["conv0"]["bias"])
+    bound = 1 / np.sqrt(3 * 3 * 3)  # fan_in of a 3x3 conv on RGB.
+    assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.9 * bound
+    assert np.abs(bias).max() <= bound and np.abs(bias).max() > 0.5 * bound
+    config.model.init = "lecun"
+    variables = jax.jit(TUSK(config.model).init)(jax.random.key(0), images())
+    assert not np.any(variables["params"]["encoder"]["unet"]["down0"]["conv0"]["bias"])
 
 
 def test_reconstruction_gradient_reaches_encoder(plain_run):
@@ -293,8 +349,9 @@ def test_image_size_not_divisible_raises():
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("num_groups", 3, "num_groups=3 must divide model.base_width=8"),
-        ("feature_dim", 6, "num_groups=4 must divide model.feature_dim=6"),
+        ("num_groups", 3, "num_groups=3 must divide the U-Net stage width 8"),
+        ("head_groups", 3, "head_groups=3 must divide model.feature_dim=8"),
+        ("init", "xavier", "init must be one of"),
         ("decoder_mode", "rgba", "decoder_mode must be one of"),
         ("window", 4, "window must be a positive odd int"),
     ],

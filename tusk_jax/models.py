@@ -18,36 +18,71 @@ Parameters are kept under two top-level subtrees, `params['encoder']` and
 Architecture (the reference's `UNet` / `UNet_Encoder` / `UNetDecoder`):
 - U-Net of `depth` resolutions with c, 2c, 4c, ... channels (c = `base_width`).
   Each stage is two [3x3 conv + GroupNorm + ReLU]; 2x2 max-pool between the
-  down stages; the up path doubles the resolution bilinearly, concatenates
+  down stages; the up path doubles the resolution bilinearly
+  (`align_corners=True` by default, as the reference), concatenates
   [up-sampled, skip] on the channel axis and applies a stage of the skip's
-  width; a final 1x1 conv gives the output channels.
+  width; a final 1x1 conv gives the output channels. GroupNorm has
+  min(`num_groups`, width) groups (32 in the reference).
 - Encoder: U-Net(3 -> C) gives the feature map F; heatmap head on F:
-  3x3 conv(C) + GroupNorm + ReLU + 3x3 conv(1) + GroupNorm(1 group) -> logits;
-  score map S = sigmoid(logits). The last GroupNorm normalises the logits of
-  each image to zero mean and unit variance over the image, then applies a
-  learned scale and bias.
+  3x3 conv(C) + GroupNorm(`head_groups`, C by default: one channel per group)
+  + ReLU + 3x3 conv(1) + GroupNorm(1 group) -> logits; score map
+  S = sigmoid(logits).
 - Decoder: the same U-Net with C inputs and 3 (plain) or 4 (alpha) outputs.
 
-Known differences from the reference PyTorch code: up-sampling uses
-`jax.image.resize` (half-pixel centres, i.e. `align_corners=False`; the
-reference used `align_corners=True`); the GroupNorm group count is
-`model.num_groups` everywhere (the reference used c groups in the U-Net stages
-and C groups in the heatmap head, i.e. 32 for c = C = 32); Flax default
-initialisers (LeCun normal kernels, zero biases). GroupNorm epsilon is 1e-5 as
-in PyTorch.
+Conv kernels and biases start as PyTorch's defaults (uniform in
++-1/sqrt(fan_in)) unless `model.init='lecun'` (Flax's LeCun-normal kernels,
+zero biases). GroupNorm epsilon is 1e-5 as in PyTorch.
 """
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import linen as nn
 
 from tusk_jax import ops
 
 DECODER_MODES = ("plain", "alpha")
+# Conv initialisation: PyTorch's defaults (the reference) | Flax's defaults.
+INITS = ("pytorch", "lecun")
+# How a keypoint reads its descriptor from the feature map F:
+# "nearest": F at the truncated integer pixel, no gradient to the location (the reference);
+# "bilinear_stop_gradient": bilinear at the location, no gradient to the location;
+# "bilinear": bilinear, the reconstruction gradient flows through the location
+# into the score map (the paper's text).
+DESCRIPTOR_SAMPLINGS = ("nearest", "bilinear_stop_gradient", "bilinear")
 _GROUP_NORM_EPSILON = 1e-5  # PyTorch's default, used by the reference.
+
+
+def stage_groups(num_groups: int, width: int) -> int:
+    """GroupNorm groups of a U-Net stage of `width` channels: `num_groups` capped at the width."""
+    return min(num_groups, width)
+
+
+def pytorch_uniform(fan_in: int):
+    """Initialiser uniform in +-1/sqrt(fan_in): PyTorch's default for conv kernels and biases."""
+    bound = 1.0 / fan_in**0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def conv(x: jax.Array, features: int, kernel: int, init: str, name: str) -> jax.Array:
+    """A `kernel` x `kernel` SAME conv of `x` `[..., Cin]`, initialised as `init` says (`INITS`).
+
+    Called inside a compact method: the conv is a submodule `name` of the
+    caller (the parameter tree does not depend on `init`).
+    """
+    initializers = {}
+    if init == "pytorch":
+        initializer = pytorch_uniform(x.shape[-1] * kernel * kernel)
+        initializers = {"kernel_init": initializer, "bias_init": initializer}
+    return nn.Conv(features, (kernel, kernel), padding="SAME", name=name, **initializers)(x)
 
 
 def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -68,17 +103,28 @@ def check_model_config(config: ml_collections.ConfigDict) -> None:
         value = cfg[field]
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config model.{field} must be a positive int, got {value!r}.")
-    if cfg.base_width % cfg.num_groups:
+    for level in range(cfg.depth):
+        width = cfg.base_width * 2**level
+        if width % stage_groups(cfg.num_groups, width):
+            raise ValueError(
+                f"config model.num_groups={cfg.num_groups} must divide the U-Net stage width "
+                f"{width} (model.base_width={cfg.base_width} x 2**{level}) or exceed it."
+            )
+    if not isinstance(cfg.head_groups, int) or cfg.head_groups < 0:
+        raise ValueError(f"config model.head_groups must be an int >= 0, got {cfg.head_groups!r}.")
+    if cfg.feature_dim % (cfg.head_groups or cfg.feature_dim):
         raise ValueError(
-            f"config model.num_groups={cfg.num_groups} must divide model.base_width="
-            f"{cfg.base_width} (GroupNorm groups must divide every U-Net stage width "
-            f"{cfg.base_width}, {2 * cfg.base_width}, ...)."
+            f"config model.head_groups={cfg.head_groups} must divide model.feature_dim="
+            f"{cfg.feature_dim} (GroupNorm of the heatmap head; 0: one channel per group)."
         )
-    if cfg.feature_dim % cfg.num_groups:
-        raise ValueError(
-            f"config model.num_groups={cfg.num_groups} must divide model.feature_dim="
-            f"{cfg.feature_dim} (GroupNorm of the heatmap head)."
-        )
+    choices = {
+        "init": INITS,
+        "descriptor_sampling": DESCRIPTOR_SAMPLINGS,
+        "soft_argmax_border": ops.SOFT_ARGMAX_BORDERS,
+    }
+    for field, valid in choices.items():
+        if cfg[field] not in valid:
+            raise ValueError(f"config model.{field} must be one of {valid}, got {cfg[field]!r}.")
     if not isinstance(cfg.window, int) or cfg.window < 1 or cfg.window % 2 == 0:
         raise ValueError(f"config model.window must be a positive odd int, got {cfg.window!r}.")
     if cfg.decoder_mode not in DECODER_MODES:
@@ -98,25 +144,75 @@ def check_image_size(height: int, width: int, depth: int) -> None:
         )
 
 
+def sample_descriptors(feature_map: jax.Array, xy: jax.Array, method: str) -> jax.Array:
+    """Feature vectors `[K, C]` of one `[H, W, C]` map at keypoints `[K, 2]` (x, y) pixels.
+
+    `method` is one of `DESCRIPTOR_SAMPLINGS`: "nearest" reads the pixel of
+    the truncated location (clipped to the image), "bilinear*" interpolate;
+    only "bilinear" passes a gradient to `xy`. All pass one to `feature_map`.
+    """
+    if method == "nearest":
+        height, width = feature_map.shape[:2]
+        pixel = jax.lax.stop_gradient(xy).astype(jnp.int32)  # Truncation, as torch's .long().
+        col = jnp.clip(pixel[:, 0], 0, width - 1)
+        row = jnp.clip(pixel[:, 1], 0, height - 1)
+        return feature_map[row, col]
+    if method == "bilinear_stop_gradient":
+        xy = jax.lax.stop_gradient(xy)
+    elif method != "bilinear":
+        raise ValueError(
+            f"descriptor sampling must be one of {DESCRIPTOR_SAMPLINGS}, got {method!r}."
+        )
+    return ops.bilinear_sample(feature_map, xy)
+
+
 class ConvStage(nn.Module):
     """Two [3x3 conv + GroupNorm + ReLU]: `[N, H, W, Cin] -> [N, H, W, features]`."""
 
     features: int
     num_groups: int
+    init: str = "pytorch"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        groups = stage_groups(self.num_groups, self.features)
         for i in range(2):
-            x = nn.Conv(self.features, (3, 3), padding="SAME", name=f"conv{i}")(x)
-            x = nn.GroupNorm(self.num_groups, epsilon=_GROUP_NORM_EPSILON, name=f"norm{i}")(x)
+            x = conv(x, self.features, 3, self.init, name=f"conv{i}")
+            x = nn.GroupNorm(groups, epsilon=_GROUP_NORM_EPSILON, name=f"norm{i}")(x)
             x = nn.relu(x)
         return x
 
 
-def upsample2x(x: jax.Array) -> jax.Array:
-    """Bilinear 2x up-sampling, `[N, H, W, C] -> [N, 2H, 2W, C]` (half-pixel centres)."""
+def _align_corners_matrix(size: int) -> np.ndarray:
+    """`[2 size, size]` linear interpolation weights of 2x up-sampling with align_corners=True.
+
+    Output sample i sits at input coordinate i (size - 1) / (2 size - 1): the
+    first and last samples of both grids coincide (PyTorch's
+    `Upsample(scale_factor=2, mode='bilinear', align_corners=True)`).
+    """
+    out = 2 * size
+    position = np.arange(out) * (size - 1) / max(out - 1, 1)
+    low = np.clip(np.floor(position).astype(int), 0, size - 1)
+    high = np.minimum(low + 1, size - 1)
+    frac = position - low
+    matrix = np.zeros((out, size), np.float32)
+    matrix[np.arange(out), low] += 1.0 - frac
+    matrix[np.arange(out), high] += frac
+    return matrix
+
+
+def upsample2x(x: jax.Array, align_corners: bool = True) -> jax.Array:
+    """Bilinear 2x up-sampling, `[N, H, W, C] -> [N, 2H, 2W, C]`.
+
+    align_corners=True: the corner pixel centres of input and output coincide
+    (the reference); False: half-pixel centres (`jax.image.resize`).
+    """
     n, h, w, c = x.shape
-    return jax.image.resize(x, (n, 2 * h, 2 * w, c), method="bilinear")
+    if not align_corners:
+        return jax.image.resize(x, (n, 2 * h, 2 * w, c), method="bilinear")
+    rows = jnp.asarray(_align_corners_matrix(h), x.dtype)
+    cols = jnp.asarray(_align_corners_matrix(w), x.dtype)
+    return jnp.einsum("ph,qw,nhwc->npqc", rows, cols, x)
 
 
 class UNet(nn.Module):
@@ -130,20 +226,24 @@ class UNet(nn.Module):
     depth: int
     out_channels: int
     num_groups: int
+    init: str = "pytorch"
+    align_corners: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         check_image_size(x.shape[1], x.shape[2], self.depth)
         skips = []
         for level in range(self.depth):
-            x = ConvStage(self.base_width * 2**level, self.num_groups, name=f"down{level}")(x)
+            width = self.base_width * 2**level
+            x = ConvStage(width, self.num_groups, self.init, name=f"down{level}")(x)
             if level < self.depth - 1:
                 skips.append(x)
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
         for level in reversed(range(self.depth - 1)):
-            x = jnp.concatenate([upsample2x(x), skips[level]], axis=-1)
-            x = ConvStage(self.base_width * 2**level, self.num_groups, name=f"up{level}")(x)
-        return nn.Conv(self.out_channels, (1, 1), name="out")(x)
+            x = jnp.concatenate([upsample2x(x, self.align_corners), skips[level]], axis=-1)
+            width = self.base_width * 2**level
+            x = ConvStage(width, self.num_groups, self.init, name=f"up{level}")(x)
+        return conv(x, self.out_channels, 1, self.init, name="out")
 
 
 class Encoder(nn.Module):
@@ -153,16 +253,26 @@ class Encoder(nn.Module):
     depth: int
     feature_dim: int
     num_groups: int
+    head_groups: int = 0  # 0: feature_dim groups (one channel per group).
+    init: str = "pytorch"
+    align_corners: bool = True
 
     @nn.compact
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         features = UNet(
-            self.base_width, self.depth, self.feature_dim, self.num_groups, name="unet"
+            self.base_width,
+            self.depth,
+            self.feature_dim,
+            self.num_groups,
+            self.init,
+            self.align_corners,
+            name="unet",
         )(images)
-        h = nn.Conv(self.feature_dim, (3, 3), padding="SAME", name="head_conv0")(features)
-        h = nn.GroupNorm(self.num_groups, epsilon=_GROUP_NORM_EPSILON, name="head_norm0")(h)
+        head_groups = self.head_groups or self.feature_dim
+        h = conv(features, self.feature_dim, 3, self.init, name="head_conv0")
+        h = nn.GroupNorm(head_groups, epsilon=_GROUP_NORM_EPSILON, name="head_norm0")(h)
         h = nn.relu(h)
-        h = nn.Conv(1, (3, 3), padding="SAME", name="head_conv1")(h)
+        h = conv(h, 1, 3, self.init, name="head_conv1")
         h = nn.GroupNorm(1, epsilon=_GROUP_NORM_EPSILON, name="head_norm1")(h)
         return nn.sigmoid(h[..., 0]), features
 
@@ -179,6 +289,8 @@ class Decoder(nn.Module):
     num_groups: int
     mode: str
     splat_variance: float
+    init: str = "pytorch"
+    align_corners: bool = True
 
     @nn.compact
     def __call__(
@@ -195,12 +307,19 @@ class Decoder(nn.Module):
         )  # [B, K, H, W]
         weights = splats * confidence[:, :, None, None]
         maps = weights[..., None] * descriptors[:, :, None, None, :]  # [B, K, H, W, C]
-        if self.mode == "plain":
-            unet = UNet(self.base_width, self.depth, 3, self.num_groups, name="unet")
-            return {"reconstruction": nn.sigmoid(unet(jnp.sum(maps, axis=1)))}
-        if self.mode != "alpha":
+        if self.mode not in DECODER_MODES:
             raise ValueError(f"decoder mode must be one of {DECODER_MODES}, got {self.mode!r}.")
-        unet = UNet(self.base_width, self.depth, 4, self.num_groups, name="unet")
+        unet = UNet(
+            self.base_width,
+            self.depth,
+            3 if self.mode == "plain" else 4,
+            self.num_groups,
+            self.init,
+            self.align_corners,
+            name="unet",
+        )
+        if self.mode == "plain":
+            return {"reconstruction": nn.sigmoid(unet(jnp.sum(maps, axis=1)))}
         rgba = unet(maps.reshape(batch * num_keypoints, height, width, channels))
         rgba = rgba.reshape(batch, num_keypoints, height, width, 4)
         rgb = nn.sigmoid(rgba[..., :3])
@@ -215,8 +334,9 @@ class TUSK(nn.Module):
     Attributes:
       config: the `model` sub-config (`config.model`) or the whole config (its
         `model` field is used). Fields read: base_width, depth, feature_dim,
-        num_groups, num_keypoints, window, temperature, splat_variance,
-        decoder_mode (see configs/base.py).
+        num_groups, head_groups, init, upsample_align_corners, num_keypoints,
+        window, temperature, soft_argmax_border, descriptor_sampling,
+        splat_variance, decoder_mode (see configs/base.py).
     """
 
     config: ml_collections.ConfigDict
@@ -224,9 +344,23 @@ class TUSK(nn.Module):
     def setup(self) -> None:
         cfg = model_config(self.config)
         check_model_config(cfg)
-        self.encoder = Encoder(cfg.base_width, cfg.depth, cfg.feature_dim, cfg.num_groups)
+        self.encoder = Encoder(
+            cfg.base_width,
+            cfg.depth,
+            cfg.feature_dim,
+            cfg.num_groups,
+            cfg.head_groups,
+            cfg.init,
+            cfg.upsample_align_corners,
+        )
         self.decoder = Decoder(
-            cfg.base_width, cfg.depth, cfg.num_groups, cfg.decoder_mode, float(cfg.splat_variance)
+            cfg.base_width,
+            cfg.depth,
+            cfg.num_groups,
+            cfg.decoder_mode,
+            float(cfg.splat_variance),
+            cfg.init,
+            cfg.upsample_align_corners,
         )
 
     def __call__(self, images: jax.Array, num_keypoints: int | None = None) -> dict[str, Any]:
@@ -262,6 +396,12 @@ class TUSK(nn.Module):
         )
         return out
 
+    def keypoints(self, images: jax.Array, num_keypoints: int | None = None) -> dict[str, Any]:
+        """Encoder and keypoint extraction without the decoder: `extract`'s dict."""
+        if num_keypoints is None:
+            num_keypoints = model_config(self.config).num_keypoints
+        return self.extract(*self.encode(images), num_keypoints)
+
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Images `[B, H, W, 3]` -> (score map `[B, H, W]` in [0, 1], feature map `[B, H, W, C]`).
 
@@ -288,15 +428,22 @@ class TUSK(nn.Module):
           dict with `keypoints` `[B, K, 2]` (x, y) pixels (sub-pixel, from the
           NMS peaks refined by patch soft-argmax), `confidence` `[B, K]` (S
           bilinearly sampled at the keypoints) and `descriptors` `[B, K, C]`
-          (F bilinearly sampled at the keypoints, then L2-normalised).
+          (F read at the keypoints as `model.descriptor_sampling` says, then
+          L2-normalised).
         """
         cfg = model_config(self.config)
-        window, temperature = cfg.window, float(cfg.temperature)
+        window, temperature, border = cfg.window, float(cfg.temperature), cfg.soft_argmax_border
         keypoints, confidence = jax.vmap(
-            lambda s: ops.detect_keypoints(s, num_keypoints, window, temperature)
+            lambda s: ops.detect_keypoints(s, num_keypoints, window, temperature, border)
         )(score_map)
-        descriptors = ops.l2_normalize(jax.vmap(ops.bilinear_sample)(feature_map, keypoints))
-        return {"keypoints": keypoints, "confidence": confidence, "descriptors": descriptors}
+        descriptors = jax.vmap(
+            functools.partial(sample_descriptors, method=cfg.descriptor_sampling)
+        )(feature_map, keypoints)
+        return {
+            "keypoints": keypoints,
+            "confidence": confidence,
+            "descriptors": ops.l2_normalize(descriptors),
+        }
 
     def decode(
         self,
