@@ -48,11 +48,21 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model.base_width = 32
     config.model.depth = 4  # U-Net resolutions; image sides must be divisible by 2**(depth-1).
     config.model.feature_dim = 32  # Descriptor / feature-map channels C.
-    config.model.num_groups = 8  # GroupNorm groups in the U-Net stages.
+    # GroupNorm groups of a U-Net stage, capped at its width (the reference: 32).
+    config.model.num_groups = 32
+    config.model.head_groups = 0  # GroupNorm groups of the heatmap head; 0: C (the reference).
+    config.model.init = "pytorch"  # pytorch (uniform +-1/sqrt(fan_in), the reference) | lecun.
+    # U-Net 2x bilinear up-sampling: True aligns the corners (the reference), False half-pixel.
+    config.model.upsample_align_corners = True
     config.model.num_keypoints = 3  # K: keypoints per image at training time.
     config.model.num_prototypes = 114  # M: learned prototypes.
     config.model.window = 27  # B: NMS and soft-argmax window (odd, pixels).
     config.model.temperature = 0.2  # tau of the patch soft-argmax weights exp(S / tau).
+    # Soft-argmax window beyond the image: zeros (score 0, the reference) | inside (left out).
+    config.model.soft_argmax_border = "zeros"
+    # Descriptor read at a keypoint: nearest (truncated pixel, the reference) |
+    # bilinear_stop_gradient | bilinear (gradient to the location; the paper's text).
+    config.model.descriptor_sampling = "nearest"
     config.model.splat_variance = 0.05  # v of the Gaussian splats (pixels^2).
     # plain: sum of splats -> RGB | alpha: one RGBA per keypoint, softmax over keypoints.
     config.model.decoder_mode = "alpha"
@@ -75,6 +85,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # last prototype: the reference) | "largest_remainder" (for small batches,
     # where N is not large against M; see tusk_jax.ops.prototypes).
     config.loss.sw_count_rounding = "last"
+    # Spread s_m of the mixture weights: channel_mean (the reference) | channel_sum.
+    config.loss.sw_spread = "channel_mean"
+    # Perceptual L_recon over the four VGG16 layers: sum (the reference) | mean.
+    config.loss.perceptual_reduction = "sum"
 
     # ---- TPS pair making (tusk_jax/ops/warps.py, SPEC 4) ----
     config.tps = ml_collections.ConfigDict()
@@ -103,6 +117,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.train.prototype_b2 = 0.999  # Adam b2 of the prototypes.
     # Prototype Adam steps per iteration (descriptors computed once).
     config.train.num_prototype_steps = 8
+    # Descriptors the prototype steps fit: updated (one more encoder pass after
+    # the encoder/decoder step, the reference) | stale (those of the step's own
+    # forward pass, one update old; no extra pass).
+    config.train.prototype_descriptors = "updated"
     # False: ablation, prototypes trained jointly in the encoder step.
     config.train.alternate = True
     # What moves the prototypes: sliced_wasserstein (L_sw, the method) | kmeans
@@ -125,9 +143,9 @@ def cpu_overrides(**extra) -> dict:
     """The `:cpu` variant's common part: about an hour on a 2-core CPU.
 
     A quarter of the paper's widths (base_width 16: ~1/4 of the FLOPs per
-    pixel), 8 pairs per step and 3x the paper's encoder/decoder learning rate
-    (it learns faster at this batch: measured in the README's "Results at CPU
-    scale"). Every checkpoint (each 250 steps) is kept for
+    pixel), 8 pairs per step, the encoder/decoder learning rate 3e-3 (measured
+    in the README's "Results at CPU scale") and the prototypes' 0.1 (one
+    worker's, unscaled). Every checkpoint (each 250 steps) is kept for
     `tusk_jax.learning_curve`. Each dataset adds its image size, window and
     step count.
     """
@@ -135,6 +153,7 @@ def cpu_overrides(**extra) -> dict:
         "model.base_width": 16,
         "train.batch_size": 8,
         "train.learning_rate": 3e-3,
+        "train.prototype_learning_rate": 0.1,
         "train.num_steps": 3000,
         "train.log_every": 25,
         "train.image_every": 250,
@@ -155,7 +174,6 @@ def test_overrides(**extra) -> dict:
         "model.base_width": 8,
         "model.depth": 3,
         "model.feature_dim": 8,
-        "model.num_groups": 4,
         "model.window": 5,
         "train.batch_size": 4,
         "train.num_steps": 4,

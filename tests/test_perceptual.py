@@ -57,10 +57,11 @@ def test_loss_is_positive_for_different_images_with_finite_gradients(loss_and_gr
         assert np.all(leaf == 0)
 
 
-def test_loss_is_the_mean_over_layers_of_the_mean_l1(vgg):
+@pytest.mark.parametrize("reduction, divisor", [("sum", 1), ("mean", 4)])
+def test_loss_is_the_sum_over_layers_of_the_mean_l1(vgg, reduction, divisor):
     x, y = images(3), images(4)
     size = 32  # Small resize target: this test checks the weighting, not the size.
-    got = jax.jit(perceptual.perceptual_loss, static_argnums=3)(vgg, x, y, size)
+    got = jax.jit(perceptual.perceptual_loss, static_argnums=(3, 4))(vgg, x, y, size, reduction)
 
     def features(images):
         z = (np.asarray(images) - np.asarray(perceptual.IMAGENET_MEAN)) / np.asarray(
@@ -71,7 +72,8 @@ def test_loss_is_the_mean_over_layers_of_the_mean_l1(vgg):
 
     fx, fy = features(x), features(y)
     assert [f.shape for f in fx] == [(2, 32, 32, 4), (2, 16, 16, 8), (2, 8, 8, 8), (2, 4, 4, 8)]
-    expected = sum(float(np.mean(np.abs(a - b))) for a, b in zip(fx, fy, strict=True)) / 4
+    # The reference sums the four layers' L1 means; "mean" divides by 4.
+    expected = sum(float(np.mean(np.abs(a - b))) for a, b in zip(fx, fy, strict=True)) / divisor
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 

@@ -13,7 +13,7 @@ import os
 import jax
 import ml_collections
 
-from tusk_jax import models, ops
+from tusk_jax import models, ops, perceptual
 
 # The evaluation protocol of each dataset (SPEC section 6).
 DATASET_TASKS = {
@@ -30,6 +30,25 @@ CONFIG_FILE = "config.json"
 PROTOTYPE_OBJECTIVES = ("sliced_wasserstein", "kmeans")
 # How the encoder/decoder learning rate moves over a run (`train.lr_schedule`).
 LR_SCHEDULES = ("constant", "cosine")
+# Which descriptors the prototype steps fit (`train.prototype_descriptors`).
+PROTOTYPE_DESCRIPTORS = ("updated", "stale")
+# Values of fields a run saved before they existed was trained with (what
+# tusk_jax computed then); `load_config` fills them in so an old run is
+# rebuilt as it was trained. "model.head_groups" is special: it was
+# `model.num_groups`.
+LEGACY_VALUES = {
+    "model.init": "lecun",
+    "model.upsample_align_corners": False,
+    "model.soft_argmax_border": "inside",
+    "model.descriptor_sampling": "bilinear",
+    "loss.sw_spread": "channel_sum",
+    "loss.perceptual_reduction": "mean",
+    "loss.sw_count_rounding": "last",
+    "train.prototype_descriptors": "stale",
+    "train.prototype_objective": "sliced_wasserstein",
+    "train.lr_schedule": "constant",
+    "train.warmup_steps": 0,
+}
 
 
 def _fail(field: str, message: str) -> None:
@@ -127,6 +146,14 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     for field in ("num_steps", "log_every", "image_every", "checkpoint_every", "max_to_keep"):
         if train[field] < 1:
             _fail(f"train.{field}", f"must be >= 1, got {train[field]!r}.")
+    choices = {
+        "train.prototype_descriptors": (train.prototype_descriptors, PROTOTYPE_DESCRIPTORS),
+        "loss.sw_spread": (config.loss.sw_spread, ops.SPREADS),
+        "loss.perceptual_reduction": (config.loss.perceptual_reduction, perceptual.REDUCTIONS),
+    }
+    for field, (value, valid) in choices.items():
+        if value not in valid:
+            _fail(field, f"must be one of {', '.join(valid)}, got {value!r}.")
 
 
 def prototype_objective(config: ml_collections.ConfigDict) -> str:
@@ -161,4 +188,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
             f"{path} not found: {workdir!r} is not a training workdir of tusk_jax.main."
         )
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        config = ml_collections.ConfigDict(json.load(f))
+    fill_legacy_values(config)
+    return config
+
+
+def fill_legacy_values(config: ml_collections.ConfigDict) -> None:
+    """Adds, in place, the fields a run saved before they existed lacks (`LEGACY_VALUES`)."""
+    if "head_groups" not in config.model:
+        config.model.head_groups = config.model.num_groups
+    for dotted, value in LEGACY_VALUES.items():
+        section, field = dotted.split(".")
+        if field not in config[section]:
+            config[section][field] = value

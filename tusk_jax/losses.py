@@ -28,7 +28,9 @@ def reconstruction_loss(
         return jnp.mean((images - reconstruction) ** 2)
     if vgg_params is None:
         raise ValueError("loss.recon='perceptual' needs VGG16 parameters (loss.vgg16_weights).")
-    return perceptual.perceptual_loss(vgg_params, images, reconstruction)
+    return perceptual.perceptual_loss(
+        vgg_params, images, reconstruction, reduction=config.loss.perceptual_reduction
+    )
 
 
 def equivariance_losses(
@@ -79,4 +81,5 @@ def prototype_loss(
         config.loss.sw_num_projections,
         config.loss.sw_noise_std,
         config_lib.sw_count_rounding(config),
+        config.loss.sw_spread,
     )

@@ -27,10 +27,11 @@ In memory the weights are a dict `{'params': {layer: {'kernel', 'bias'}},
 
 The loss: both images are normalised with `mean`/`std`, resized bilinearly
 (`jax.image.resize`) so that the longer side is 224 pixels (aspect ratio kept,
-shorter side rounded), and run through VGG16; the loss is the mean over the
-four layers relu1_2, relu2_2, relu3_3 and relu4_3 of the mean absolute
-difference of the features (mean over batch, rows, columns and channels).
-Every layer therefore has weight 1/4 whatever its size. The VGG weights get no
+shorter side rounded), and run through VGG16; the loss is the sum (the
+reference; optionally the mean) over the four layers relu1_2, relu2_2,
+relu3_3 and relu4_3 of the mean absolute difference of the features (mean
+over batch, rows, columns and channels), so every layer has the same weight
+whatever its size. The VGG weights get no
 gradient (`lax.stop_gradient`).
 """
 
@@ -253,26 +254,35 @@ def vgg16_features(
     return model.apply({"params": vgg_params["params"]}, x)
 
 
+# How the four layers' L1 terms combine: the reference sums them.
+REDUCTIONS = ("sum", "mean")
+
+
 def perceptual_loss(
     vgg_params: VGG16Params,
     x: jax.Array,
     y: jax.Array,
     image_size: int = DEFAULT_IMAGE_SIZE,
+    reduction: str = "sum",
 ) -> jax.Array:
-    """Mean over relu1_2, relu2_2, relu3_3, relu4_3 of the mean L1 between VGG16 features.
+    """Sum (the reference) or mean over relu1_2, relu2_2, relu3_3, relu4_3 of the mean L1.
 
     Args:
       vgg_params: `VGG16Params`, frozen.
       x, y: `[B, H, W, 3]` RGB in [0, 1] (e.g. image and reconstruction).
       image_size: longer side after resizing (224).
+      reduction: "sum" or "mean" over the four layers (`REDUCTIONS`).
 
     Returns:
-      scalar float32: (1/4) sum_l mean |V_l(x) - V_l(y)|; 0 iff the features
-      agree.
+      scalar float32: sum_l mean |V_l(x) - V_l(y)| ("sum"; "mean" divides by
+      4); 0 iff the features agree.
     """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     if x.shape != y.shape:
         raise ValueError(f"x and y must have the same shape, got {x.shape} and {y.shape}.")
     features = vgg16_features(vgg_params, jnp.concatenate([x, y], axis=0), image_size)
     batch = x.shape[0]
     per_layer = [jnp.mean(jnp.abs(f[:batch] - f[batch:])) for f in features]
-    return jnp.mean(jnp.stack(per_layer))
+    total = jnp.sum(jnp.stack(per_layer))
+    return total if reduction == "sum" else total / len(per_layer)

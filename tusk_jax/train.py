@@ -8,9 +8,11 @@ One iteration (`train_step`, `pmap`ped over the devices, axis 'batch'):
   2. one Adam step of encoder + decoder on
      L_recon + L_km + L_eqv with the prototypes frozen, gradients averaged
      across devices;
-  3. the descriptors of that forward pass (no gradient, no second encoder
-     pass) are all-gathered across devices and `num_prototype_steps` Adam
-     steps of the prototypes on L_sw run in a `lax.scan`.
+  3. the descriptors of the updated encoder (one more encoder pass, as the
+     reference; `train.prototype_descriptors='stale'` reuses those of step
+     2's forward pass) are all-gathered across devices and
+     `num_prototype_steps` Adam steps of the prototypes on L_sw run in a
+     `lax.scan`.
 Every device computes the same prototype update from the same gathered
 descriptors and the same key, so the prototypes stay identical everywhere
 without communication. Ablations (the paper's Tables 4 and 6):
@@ -282,7 +284,13 @@ def train_step(
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
-    descriptors = _gather_descriptors(lax.stop_gradient(out["descriptors"]))
+    if config.train.prototype_descriptors == "updated":
+        # The reference fits the prototypes to the descriptors of the updated
+        # encoder (one more forward pass; fixed during the prototype steps).
+        fitted = model.apply(params, both, method=models.TUSK.keypoints)["descriptors"]
+    else:
+        fitted = out["descriptors"]  # From before the update: no extra pass.
+    descriptors = _gather_descriptors(lax.stop_gradient(fitted))
     prototypes, prototype_opt_state = state.prototypes, state.prototype_opt_state
     metrics = {}
     if joint:
