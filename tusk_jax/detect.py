@@ -31,7 +31,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image, ImageOps
 
-from tusk_jax import inference, visualization
+from tusk_jax import detection_io, inference, visualization
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 # The annotated PNG is upscaled (nearest) until its longer side reaches about this size.
@@ -93,7 +93,7 @@ def output_stems(paths: Sequence[str]) -> list[str]:
 
 
 def annotate(
-    image: np.ndarray, detections: inference.Detections, num_prototypes: int
+    image: np.ndarray, detections: detection_io.Detections, num_prototypes: int
 ) -> np.ndarray:
     """The image upscaled to about `ANNOTATION_TARGET_SIDE` with keypoint discs, uint8."""
     height, width = image.shape[:2]
