@@ -36,7 +36,7 @@ faces) takes more of its peaks.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -490,6 +490,34 @@ class Detector:
         k = self.resolve_num_keypoints(num_keypoints)
         images = np.asarray(images, np.float32)
         return jax.device_get(self._apply(self._weights, images, num_keypoints=k))
+
+    def network(self, num_keypoints: int | None = None, decode: bool = False) -> Callable:
+        """The body `detect` runs, as a pure function of the images with the weights closed over.
+
+        For tracing (`jax.jit`, `jax.export`: the weights become constants of
+        the program); `detect` itself passes the weights as arguments.
+
+        Args:
+          num_keypoints: K (None: the trained K).
+          decode: also render `reconstruction` (and, in alpha mode, `rgb`,
+            `alpha`).
+
+        Returns:
+          `fn(images)`: `[B, H, W, 3]` float32 in [0, 1], H and W divisible by
+          2**(depth - 1) (B may be symbolic) -> dict of `keypoints` `[B, K, 2]`
+          (x, y) pixels, `confidence` `[B, K]`, `prototype` `[B, K]` int32,
+          `descriptors` `[B, K, C]` and, with `decode`, `reconstruction`
+          `[B, H, W, 3]`.
+        """
+        k = self.resolve_num_keypoints(num_keypoints)
+
+        def fn(images):
+            height, width = images.shape[1], images.shape[2]
+            return self._forward(
+                self._weights, images, height=height, width=width, num_keypoints=k, decode=decode
+            )
+
+        return fn
 
     def render_prototypes(
         self, size: int | None = None, confidence: float = 1.0
