@@ -3,8 +3,9 @@
 Checks that the exported program finds the in-process detector's keypoints
 (at two batch sizes of one artifact, and on images of other sizes through
 the same resizing), that its loader runs where flax, optax, orbax, tfds and
-ml_collections cannot be imported, and that damaged or mismatched files fail
-with one line naming the file.
+ml_collections cannot be imported, that damaged or mismatched files fail
+with one line naming the file, and that `detect --exported` writes the
+JSON of `detect --workdir`.
 """
 
 import json
@@ -16,22 +17,24 @@ import sys
 import jax
 import numpy as np
 import pytest
-from absl import flags
+from absl import app, flags
 
 import tusk_jax
 from tusk_jax import (
+    detect,
     detection_io,
     export,
     exported,
     inference,
     input_pipeline,
+    visualization,
 )
 
 NUM_KEYPOINTS = 3  # tetrominoes:test
 
 
 def run_command(module, *args):
-    """`python -m <module> *args` in this process."""
+    """`python -m <module> *args` in this process (`export` or `detect`)."""
     flag_values = flags.FlagValues()
     module.define_flags(flag_values)
     flag_values([module.__name__, *args])
@@ -244,3 +247,45 @@ def test_export_refuses_more_keypoints_than_pixels(in_process, tmp_path):
         export.export_detector(in_process, str(tmp_path), num_keypoints=257)
     with pytest.raises(ValueError, match="platforms must be among"):
         export.export_detector(in_process, str(tmp_path), platforms=["gpu"])
+
+
+def test_detect_exported_writes_the_json_of_detect_workdir(run, folder, scenes, tmp_path):
+    _, workdir = run
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, image in enumerate(scenes[:3]):
+        visualization.save_png(str(photos / f"scene{i}.png"), image)
+    for source, output in (
+        (f"--workdir={workdir}", "by_run"),
+        (f"--exported={folder}", "by_export"),
+    ):
+        summary = run_command(detect, source, f"--input={photos}", f"--output={tmp_path / output}")
+        assert len(summary["written"]) == 3 and not summary["failed"]
+    for i in range(3):
+        records = []
+        for output in ("by_run", "by_export"):
+            with open(tmp_path / output / f"scene{i}.json") as f:
+                records.append(json.load(f))
+        by_run, by_export = records
+        assert {k: v for k, v in by_run.items() if k != "keypoints"} == {
+            k: v for k, v in by_export.items() if k != "keypoints"
+        }
+        assert [k["prototype"] for k in by_run["keypoints"]] == [
+            k["prototype"] for k in by_export["keypoints"]
+        ]
+        for key in ("x", "y", "confidence", "descriptor"):
+            np.testing.assert_allclose(
+                [k[key] for k in by_export["keypoints"]],
+                [k[key] for k in by_run["keypoints"]],
+                atol=1e-4,
+            )
+    with pytest.raises(app.UsageError, match="one of --workdir or --exported"):
+        run_command(
+            detect,
+            f"--workdir={workdir}",
+            f"--exported={folder}",
+            f"--input={photos}",
+            "--output=x",
+        )
+    with pytest.raises(app.UsageError, match="apply to --workdir only"):
+        run_command(detect, f"--exported={folder}", "--step=2", f"--input={photos}", "--output=x")
