@@ -2,10 +2,13 @@
 
     python -m tusk_jax.detect --workdir=runs/tetrominoes --input 'photos/*.png' --output out/
     python -m tusk_jax.detect --workdir=RUN --input photos/ --output out/ --num_keypoints=20
+    python -m tusk_jax.detect --exported=exported/tetrominoes --input 'photos/*.png' --output out/
 
 This module owns reading image files and writing detection files; the model
-is `tusk_jax.inference.Detector`. For each readable input `<name>.<ext>` it
-writes `<output>/<name>.json`:
+is `tusk_jax.inference.Detector` (a training workdir) or
+`tusk_jax.exported.ExportedDetector` (a folder of `tusk_jax.export`, whose
+`workdir` and `step` are those of the run it was exported from). For each
+readable input `<name>.<ext>` it writes `<output>/<name>.json`:
 
     {"file": ..., "width": W, "height": H, "workdir": ..., "step": ...,
      "num_keypoints": K, "min_confidence": ..., "scale": ...,
@@ -31,7 +34,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image, ImageOps
 
-from tusk_jax import inference, visualization
+from tusk_jax import detection_io, exported, inference, visualization
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 # The annotated PNG is upscaled (nearest) until its longer side reaches about this size.
@@ -93,7 +96,7 @@ def output_stems(paths: Sequence[str]) -> list[str]:
 
 
 def annotate(
-    image: np.ndarray, detections: inference.Detections, num_prototypes: int
+    image: np.ndarray, detections: detection_io.Detections, num_prototypes: int
 ) -> np.ndarray:
     """The image upscaled to about `ANNOTATION_TARGET_SIDE` with keypoint discs, uint8."""
     height, width = image.shape[:2]
@@ -126,7 +129,7 @@ def _write_json(path: str, record: dict) -> None:
 
 
 def detect_files(
-    detector: inference.Detector,
+    detector: inference.Detector | exported.ExportedDetector,
     paths: Sequence[str],
     output_dir: str,
     *,
@@ -138,7 +141,7 @@ def detect_files(
     """Detects keypoints in image files and writes `<stem>.json` and `<stem>.png` for each.
 
     Args:
-      detector: the model (`inference.load`).
+      detector: the model (`inference.load` or `exported.load`).
       paths: image files.
       output_dir: created if missing.
       num_keypoints, min_confidence, scale: see `inference.Detector.detect`.
@@ -223,6 +226,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     this module next to other command-line modules defines no duplicate flag)."""
     fv = {"flag_values": flag_values}
     flags.DEFINE_string("workdir", None, "The training workdir (config.json, checkpoints/).", **fv)
+    flags.DEFINE_string(
+        "exported", None, "Instead of --workdir: a folder written by tusk_jax.export.", **fv
+    )
     flags.DEFINE_multi_string(
         "input", None, "Image files: glob pattern (quote it), file or directory; repeatable.", **fv
     )
@@ -242,16 +248,26 @@ def run(flag_values: flags.FlagValues) -> dict:
     Exits (SystemExit) with a message when no file matches, the run cannot
     be loaded, or no image could be processed.
     """
-    for name in ("workdir", "input", "output"):
+    for name in ("input", "output"):
         if not flag_values[name].value:
             raise app.UsageError(f"--{name} is required.")
+    if bool(flag_values.workdir) == bool(flag_values.exported):
+        raise app.UsageError("Give one of --workdir or --exported.")
+    if flag_values.exported and (flag_values.step is not None or flag_values.scale != 1):
+        raise app.UsageError(
+            "--step and --scale apply to --workdir only: an exported detector is one step, "
+            "and it resizes every image to its training size."
+        )
     paths = expand_inputs(flag_values.input)
     if not paths:
         sys.exit(f"error: no file matches --input {flag_values.input}.")
     try:
-        detector = inference.load(
-            flag_values.workdir, flag_values.step, batch_size=flag_values.batch_size
-        )
+        if flag_values.exported:
+            detector = exported.load(flag_values.exported, batch_size=flag_values.batch_size)
+        else:
+            detector = inference.load(
+                flag_values.workdir, flag_values.step, batch_size=flag_values.batch_size
+            )
         summary = detect_files(
             detector,
             paths,
