@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 
+from tusk_jax import datasets
 from tusk_jax.datasets import mnist_hard, tetrominoes
 
 
@@ -162,3 +163,61 @@ def test_broken_idx_files_name_the_file(tmp_path, damage):
         target = tmp_path / "train-labels-idx1-ubyte"
     with pytest.raises(ValueError, match=f"^{target}: "):
         mnist_hard.load_digits("real", "train", str(tmp_path))
+
+
+# --- Item 7: stale incomplete.* folders --------------------
+
+
+def prepare_config(tmp_path, name, **dataset):
+    """The `prepare` config of dataset `name`: data in `tmp_path/data`, files in `.../manual`."""
+    from tusk_jax.datasets import prepare
+
+    return prepare.build_config(
+        None,
+        name,
+        data_dir=str(tmp_path / "data"),
+        manual_dir=str(tmp_path / "manual"),
+        **dataset,
+    )
+
+
+def tiny_tetrominoes(tmp_path):
+    """A procedural Tetrominoes config of 4 + 4 scenes."""
+    return prepare_config(tmp_path, "tetrominoes", source="procedural", num_train=4, num_test=4)
+
+
+def test_prepare_removes_the_incomplete_folder_of_a_killed_run(tmp_path):
+    config = tiny_tetrominoes(tmp_path)
+    builder = datasets.get_builder(config)
+    config_dir = builder.data_path.parent
+    # What a SIGKILLed `download_and_prepare` leaves: tfds' temporary folder, half written.
+    stale = config_dir / f"incomplete.K1LLED_{builder.version}"
+    os.makedirs(stale)
+    (stale / "tusk_tetrominoes-train.array_record-00000-of-00001").write_bytes(b"\0" * 100)
+    prepared = datasets.prepare_dataset(config)
+    assert prepared.is_prepared() and len(prepared.as_data_source("train")) == 4
+    assert not os.path.exists(stale)
+    assert not [n for n in os.listdir(config_dir) if n.startswith("incomplete.")]
+
+
+def test_a_preparation_in_progress_is_waited_for_not_removed(tmp_path):
+    import fcntl
+    import threading
+
+    config = tiny_tetrominoes(tmp_path)
+    config_dir = datasets.get_builder(config).data_path.parent
+    os.makedirs(config_dir)
+    live = config_dir / "incomplete.LIVE00_1.0.0"
+    os.makedirs(live)
+    result = {}
+    with open(config_dir / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # Another preparer at work.
+        worker = threading.Thread(
+            target=lambda: result.setdefault("builder", datasets.prepare_dataset(config))
+        )
+        worker.start()
+        worker.join(2.0)
+        assert worker.is_alive() and live.exists()  # Waits; touches nothing.
+    worker.join(60)
+    assert not worker.is_alive() and result["builder"].is_prepared()
+    assert not live.exists()  # Its owner is gone (lock released): stale now.

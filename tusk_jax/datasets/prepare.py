@@ -8,7 +8,7 @@ This module owns the CLI only; `tusk_jax.datasets.prepare_dataset(config)` does 
 work (and is what training calls on first use). Without --config, the base
 config plus the paper's sizes for the dataset (DATASET_DEFAULTS) are used;
 the flags below override both. Preparation is atomic: an interrupted run
-leaves only an `incomplete.*` folder that the next run replaces. A file or
+leaves only an `incomplete.*` folder that the next run removes. A file or
 setting that cannot give the dataset (missing, corrupt, digits that do not
 fit) ends the command with a one-line `error: ...` and exit status 1.
 """
