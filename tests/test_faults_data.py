@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tusk_jax import datasets
-from tusk_jax.datasets import mnist_hard, tetrominoes
+from tusk_jax.datasets import celeba_wild, mnist_hard, tetrominoes
 
 
 @contextlib.contextmanager
@@ -165,7 +165,7 @@ def test_broken_idx_files_name_the_file(tmp_path, damage):
         mnist_hard.load_digits("real", "train", str(tmp_path))
 
 
-# --- Item 7: stale incomplete.* folders --------------------
+# --- Item 7: stale incomplete.* folders; the official CelebA layout --------------------
 
 
 def prepare_config(tmp_path, name, **dataset):
@@ -221,3 +221,19 @@ def test_a_preparation_in_progress_is_waited_for_not_removed(tmp_path):
     worker.join(60)
     assert not worker.is_alive() and result["builder"].is_prepared()
     assert not live.exists()  # Its owner is gone (lock released): stale now.
+
+
+def test_celeba_builder_finds_the_official_download_layout(tmp_path):
+    from test_datasets import _celeba_tree
+
+    # The official download: CelebA/Img/img_celeba/, CelebA/Anno/, CelebA/Eval/.
+    root = tmp_path / "manual" / "CelebA"
+    _celeba_tree(root, np.random.default_rng(0))
+    (root / "Img").mkdir()
+    os.rename(root / "img_celeba", root / "Img" / "img_celeba")
+    files = celeba_wild.find_files(str(tmp_path / "manual"))
+    assert files["images"] == str(root / "Img" / "img_celeba")
+    assert files["bbox"] == str(root / "Anno" / "list_bbox_celeba.txt")
+    config = prepare_config(tmp_path, "celeba_wild", image_size=16)
+    source = datasets.data_source(config, "test")
+    assert len(source) == 2 and source[0]["image"].shape == (16, 16, 3)
