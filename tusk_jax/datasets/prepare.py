@@ -8,13 +8,16 @@ This module owns the CLI only; `tusk_jax.datasets.prepare_dataset(config)` does 
 work (and is what training calls on first use). Without --config, the base
 config plus the paper's sizes for the dataset (DATASET_DEFAULTS) are used;
 the flags below override both. Preparation is atomic: an interrupted run
-leaves only an `incomplete.*` folder that the next run replaces.
+leaves only an `incomplete.*` folder that the next run removes. A file or
+setting that cannot give the dataset (missing, corrupt, digits that do not
+fit) ends the command with a one-line `error: ...` and exit status 1.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import time
 
 import ml_collections
@@ -98,7 +101,10 @@ def main(argv):
         image_size=_IMAGE_SIZE.value,
     )
     start = time.time()
-    builder = datasets.prepare_dataset(config)
+    try:
+        builder = datasets.prepare_dataset(config)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
     splits = {name: split.num_examples for name, split in builder.info.splits.items()}
     logging.info(
         "%s ready in %s (%.1f s): %s",
