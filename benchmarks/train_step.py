@@ -29,6 +29,7 @@ sys.path.insert(0, ".")  # configs/ from the repository root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tusk_jax import models, train  # noqa: E402
+from tusk_jax import state as state_lib  # noqa: E402
 
 
 def peak_memory_mb() -> float:
@@ -79,7 +80,7 @@ def time_train_step(
             f"batch_size={pairs} pairs must be a multiple of the {devices} local devices."
         )
     model = models.TUSK(config.model)
-    state = train.replicate(train.create_train_state(config, model))
+    state = state_lib.replicate(state_lib.create_train_state(config, model))
     step = train.make_p_train_step(config, model)
     size = config.dataset.image_size
     rng = np.random.default_rng(0)

@@ -103,6 +103,7 @@ def _step_variant_metrics(overrides: dict) -> list[dict]:
 
     from configs import tetrominoes
     from tusk_jax import models, train
+    from tusk_jax import state as state_lib
 
     config = tetrominoes.get_config("test")
     with config.unlocked():
@@ -110,7 +111,7 @@ def _step_variant_metrics(overrides: dict) -> list[dict]:
             section, field = dotted.split(".")
             config[section][field] = value
     model = models.TUSK(config.model)
-    state = train.replicate(train.create_train_state(config, model))
+    state = state_lib.replicate(state_lib.create_train_state(config, model))
     step = train.make_p_train_step(config, model)
     devices = jax.local_device_count()
     size = config.dataset.image_size
@@ -120,7 +121,7 @@ def _step_variant_metrics(overrides: dict) -> list[dict]:
             size=(devices, config.train.batch_size // devices, size, size, 3)
         )
         state, metrics = step(state, images.astype(np.float32), None)
-        records.append({k: float(v) for k, v in train.unreplicate(metrics).items()})
+        records.append({k: float(v) for k, v in state_lib.unreplicate(metrics).items()})
     return records
 
 

@@ -1,7 +1,7 @@
 """Checkpoints of a run: the `TrainState` and the input pipeline's position.
 
 An orbax `CheckpointManager` in `<workdir>/checkpoints` holds, per step, two
-items: `state` (the whole `tusk_jax.train.TrainState` pytree) and `data` (the
+items: `state` (the whole `tusk_jax.state.TrainState` pytree) and `data` (the
 train iterator's position, JSON). Orbax writes each step to a temporary
 folder and renames it when complete, so a run killed mid-save restores the
 previous complete step; saves are asynchronous (training goes on while the

@@ -48,6 +48,7 @@ from etils import epath
 from numpy.typing import ArrayLike
 
 from tusk_jax import checkpointing, config_lib, models, ops
+from tusk_jax import state as state_lib
 
 # Config fields that must agree between a given config and the run's saved one:
 # they decide the parameter shapes, the keypoint extraction or the image size
@@ -188,11 +189,8 @@ def check_checkpoint_matches(manager, step: int, template: Any, workdir: str) ->
 
 def state_template(config: ml_collections.ConfigDict):
     """A host `TrainState` of zeros with the shapes `config` builds (no compilation)."""
-    # Imported here: train pulls in the input pipeline, which inference does not need.
-    from tusk_jax import train
-
     model = models.TUSK(config.model)
-    abstract = jax.eval_shape(lambda: train.create_train_state(config, model))
+    abstract = jax.eval_shape(lambda: state_lib.create_train_state(config, model))
     return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
 
 
