@@ -92,7 +92,6 @@ PAPER_RESULTS: dict[str, list[tuple[str, str, float, str]]] = {
 MNIST_BOX_SIZE = 20.0
 MNIST_CANVAS = 80.0
 FIGURE_IMAGES = 8  # Images shown in the detection / reconstruction figures.
-ALPHA_IMAGES = 3  # Images shown in the alpha-layer figure.
 ATTRIBUTES = ("shape", "color", "size", "material")
 # Datasets with an embedded scene generator whose object count is `dataset.num_objects`
 # (tusk_jax/datasets/tetrominoes.py, mnist_hard.py); the others are real files only.
@@ -381,91 +380,6 @@ def run_split(
 
 
 # ----------------------------------------------------------------------------
-# Figures.
-# ----------------------------------------------------------------------------
-
-
-def _upscale(image: np.ndarray, factor: int) -> np.ndarray:
-    if factor <= 1:
-        return image
-    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
-
-
-def make_figures(
-    detector: inference.Detector,
-    first: dict[str, np.ndarray],
-    tsne_descriptors: np.ndarray | None = None,
-    tsne_labels: np.ndarray | None = None,
-    tsne_seed: int = 0,
-) -> dict[str, np.ndarray]:
-    """The evaluation figures as uint8 `[H, W, 3]` arrays (also fit for TensorBoard).
-
-    Args:
-      detector: the restored model (its prototypes colour the keypoints and
-        are rendered through the decoder).
-      first: a few images `image` `[N, H, W, 3]` and their `Detector.apply`
-        outputs (`keypoints`, `confidence`, `prototype`, `reconstruction`,
-        alpha mode: `rgb`, `alpha`).
-      tsne_descriptors: optional `[P, C]` descriptors for the t-SNE.
-      tsne_labels: optional `[P]` ground-truth classes colouring them.
-      tsne_seed: t-SNE random state.
-
-    Returns:
-      dict name -> image: `detections` (keypoints coloured by prototype),
-      `reconstructions` (inputs over reconstructions), `alpha` (alpha mode:
-      per image, top row the K RGB layers and the reconstruction, bottom row
-      the K alpha maps and the argmax mask), `prototypes` (each prototype
-      decoded alone at the image centre, row-major in prototype order) and
-      `tsne` when descriptors are given.
-    """
-    images = first["image"]
-    n, height = images.shape[0], images.shape[1]
-    m = detector.num_prototypes
-    scale = max(1, min(4, 160 // height))
-    detections = [
-        visualization.draw_keypoints(
-            images[i],
-            first["keypoints"][i],
-            first["prototype"][i],
-            m,
-            first["confidence"][i],
-            scale=scale,
-        )
-        for i in range(n)
-    ]
-    ncols = min(n, 4)
-    figures = {
-        "detections": visualization.image_grid(np.stack(detections), ncols=ncols, pad=2),
-        "reconstructions": visualization.image_grid(
-            np.stack(
-                [_upscale(x, scale) for x in np.concatenate([images, first["reconstruction"]])]
-            ),
-            ncols=n,
-            pad=2,
-        ),
-    }
-    if "alpha" in first:
-        alpha_scale = max(1, min(3, 96 // height))
-        panels = [
-            _upscale(visualization.alpha_panel(first["rgb"][i], first["alpha"][i]), alpha_scale)
-            for i in range(min(n, ALPHA_IMAGES))
-        ]
-        gap = np.full((4, panels[0].shape[1], 3), 255, np.uint8)
-        figures["alpha"] = np.concatenate([p for panel in panels for p in (panel, gap)][:-1])
-    renders = detector.render_prototypes(size=height)["reconstruction"]
-    figures["prototypes"] = visualization.image_grid(
-        np.stack([_upscale(r, scale) for r in renders]),
-        ncols=math.ceil(math.sqrt(m)),
-        pad=2,
-    )
-    if tsne_descriptors is not None and tsne_descriptors.shape[0] + m >= 4:
-        figures["tsne"] = visualization.tsne_figure(
-            tsne_descriptors, detector.prototypes, labels=tsne_labels, seed=tsne_seed
-        )
-    return figures
-
-
-# ----------------------------------------------------------------------------
 # The evaluation.
 # ----------------------------------------------------------------------------
 
@@ -735,8 +649,13 @@ def evaluate(
         os.makedirs(output["eval_dir"], exist_ok=True)
         if figures and first is not None and first["image"].shape[0]:
             descriptors, labels = acc.tsne_data()
-            for fig_name, image in make_figures(
-                detector, first, descriptors if tsne_points else None, labels
+            renders = detector.render_prototypes(size=first["image"].shape[1])
+            for fig_name, image in visualization.make_figures(
+                first,
+                detector.prototypes,
+                renders["reconstruction"],
+                descriptors if tsne_points else None,
+                labels,
             ).items():
                 path = os.path.join(output["eval_dir"], f"{fig_name}.png")
                 visualization.save_png(path, image)

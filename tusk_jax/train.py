@@ -40,7 +40,6 @@ from tusk_jax import (
     checkpointing,
     config_lib,
     distributed,
-    evaluate,
     inference,
     input_pipeline,
     losses,
@@ -48,6 +47,7 @@ from tusk_jax import (
     ops,
     perceptual,
     summaries,
+    visualization,
 )
 from tusk_jax import state as state_lib
 
@@ -383,7 +383,7 @@ _PYTREE_FIELDS = ("step", "params", "prototypes", "opt_state", "prototype_opt_st
 
 
 class _ImageSummaries:
-    """Writes the evaluation figures (`evaluate.make_figures`) of a few training images.
+    """Writes the evaluation figures (`visualization.make_figures`) of a few training images.
 
     Detections coloured by prototype, reconstructions, alpha layers (alpha
     mode), each prototype rendered alone and a t-SNE of the descriptors. One
@@ -407,5 +407,6 @@ class _ImageSummaries:
         images = np.asarray(batch[0, : self.count])
         first = {"image": images, **self.detector.apply(images)}
         descriptors = first["descriptors"].reshape(-1, first["descriptors"].shape[-1])
-        figures = evaluate.make_figures(self.detector, first, descriptors)
+        renders = self.detector.render_prototypes(size=images.shape[1])["reconstruction"]
+        figures = visualization.make_figures(first, self.detector.prototypes, renders, descriptors)
         self.writer.write_images(step, figures)
