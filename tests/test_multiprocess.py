@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import pytest
 
-from tusk_jax import checkpointing, config_lib, distributed, evaluate, inference, summaries
+from tusk_jax import checkpointing, config_lib, distributed, evaluate, summaries
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -67,7 +67,7 @@ def run_local(args: list[str], timeout: int = 900) -> subprocess.CompletedProces
 
 
 def restore_with_data(workdir: str, config) -> tuple:
-    template = inference.state_template(config)
+    template = checkpointing.state_template(config)
     manager = checkpointing.create_manager(workdir, use_async=False)
     try:
         return checkpointing.restore(manager, template)

@@ -13,17 +13,8 @@ import os
 import jax
 import ml_collections
 
-from tusk_jax import models, ops, perceptual
+from tusk_jax import datasets, models, ops, perceptual
 
-# The evaluation protocol of each dataset (SPEC section 6).
-DATASET_TASKS = {
-    "mnist_hard": "multi_instance",
-    "tetrominoes": "object_discovery",
-    "clevr6": "object_discovery",
-    "clevr10": "object_discovery",
-    "celeba_wild": "landmarks",
-    "h36m": "landmarks",
-}
 CONFIG_FILE = "config.json"
 # What trains the prototypes (`train.prototype_objective`): the method's L_sw,
 # or the k-means ablation of the paper's Table 6.
@@ -62,10 +53,10 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
       config: the whole config (configs/base.py layout).
       device_count: devices sharing the global batch; default `jax.device_count()`.
     """
-    if config.dataset.name not in DATASET_TASKS:
+    if config.dataset.name not in datasets.names():
         _fail(
             "dataset.name",
-            f"unknown dataset {config.dataset.name!r}; valid: {', '.join(DATASET_TASKS)}.",
+            f"unknown dataset {config.dataset.name!r}; valid: {', '.join(datasets.names())}.",
         )
     if config.dataset.source not in ("auto", "real", "procedural"):
         _fail("dataset.source", f"must be auto, real or procedural, got {config.dataset.source!r}.")
@@ -82,7 +73,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
             _fail(f"model.{field}", f"must be > 0, got {config.model[field]!r}.")
     if config.model.window > config.dataset.image_size:
         _fail("model.window", f"{config.model.window} exceeds dataset.image_size.")
-    task = DATASET_TASKS[config.dataset.name]
+    task = datasets.get_info(config.dataset.name).task
     if config.model.decoder_mode == "alpha" and task != "object_discovery":
         _fail(
             "model.decoder_mode",

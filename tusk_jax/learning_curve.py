@@ -41,7 +41,7 @@ from absl import app, flags, logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tusk_jax import checkpointing, evaluate, inference, input_pipeline, summaries
+from tusk_jax import checkpointing, datasets, evaluate, inference, input_pipeline, summaries
 
 CURVE_FILE = "learning_curve.json"
 PLOT_FILE = "learning_curve.png"
@@ -245,7 +245,7 @@ def update_learning_curve(
     )
     if todo and detector is None:
         # Zeros of the right shapes: `evaluate` swaps each step's weights in.
-        template = inference.state_template(config)
+        template = checkpointing.state_template(config)
         detector = inference.Detector(config, template.params, template.prototypes, workdir=workdir)
     for step in todo:
         try:
@@ -313,10 +313,12 @@ def plotted_metrics(curves: Sequence[Sequence[dict[str, Any]]]) -> list[str]:
                 if name not in NOT_PLOTTED and not name.startswith(TRAIN_PREFIX):
                     if name not in found:
                         found.append(name)
+    names = {rows[0].get("dataset") for rows in curves if rows} & set(datasets.names())
     paper = [
-        key
+        row.metric
         for rows in curves
-        for key, *_ in evaluate.PAPER_RESULTS.get(rows[0].get("dataset") if rows else "", [])
+        if rows and rows[0].get("dataset") in names
+        for row in datasets.get_info(rows[0]["dataset"]).paper
     ]
     first = [k for k in dict.fromkeys(paper) if k in found]
     panels = first + [k for k in found if k not in first]

@@ -336,3 +336,20 @@ def preprocess(
         out["color"] = color_index(batch["color"])
         out["visibility"] = batch["visibility"].astype(np.float32)
     return out
+
+
+DATASETS = (
+    common.DatasetInfo(
+        name="tetrominoes",
+        task="object_discovery",
+        splits=("train", "test"),
+        config="tetrominoes",
+        generator=True,
+        generator_source="procedural",  # DeepMind's file always has 3 pieces.
+        paper=(
+            common.PaperResult("ari_fg", "ARI-FG", 99.7, "Slot Attention 99.5 ± 0.2"),
+            common.PaperResult("shape_accuracy", "shape accuracy", 91.3),
+            common.PaperResult("color_accuracy", "colour accuracy", 100.0),
+        ),
+    ),
+)
