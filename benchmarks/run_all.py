@@ -21,7 +21,7 @@ table row per measurement (`ROWS`):
   checkpoint or `model.init` compile is needed). First call = compile + first
   `detect` call; ms per call of `--inference_images` images; images/s.
 - `input/...`: the training iterator (`tusk_jax.input_pipeline`, as
-  `python -m tusk_jax.datasets.benchmark` times it) at the `:cpu` configs on
+  `python benchmarks/input_throughput.py` times it) at the `:cpu` configs on
   `--input_num_train` generated scenes (not the configs' 50K, to keep the run
   short) in `--data_dir` or a temporary folder. First call = iterator
   creation (loading the split) + first batch; ms per batch; examples/s.
@@ -304,7 +304,7 @@ def measure_inference(
 def measure_input(
     row: Row, quick: bool, num_batches: int, num_train: int, data_dir: str | None
 ) -> dict:
-    """Training-iterator throughput on generated data (`tusk_jax.datasets.benchmark`'s way)."""
+    """Training-iterator throughput on generated data (`benchmarks/input_throughput.py`'s way)."""
     from tusk_jax import datasets, input_pipeline
 
     config = load_config(row, quick)

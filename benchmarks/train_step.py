@@ -8,7 +8,7 @@ One iteration = TPS pair making + one encoder/decoder Adam step + its
 over all local devices. A pair is the two images (I1, I2) made from one
 input image; `--batch_size` counts pairs (global). Inputs are random images
 already in memory: this measures the step, not the input pipeline
-(`python -m tusk_jax.datasets.benchmark` does that). Prints one line per run.
+(`python benchmarks/input_throughput.py` does that). Prints one line per run.
 
 `time_train_step(config, batch_size, iterations)` is the measurement itself,
 imported by `benchmarks/run_all.py`.

@@ -1,10 +1,10 @@
 r"""Command line: a PNG montage of a dataset's evaluation examples with their ground truth.
 
-  python -m tusk_jax.datasets.montage --dataset=tetrominoes \
+  python -m tusk_jax.tools.montage --dataset=tetrominoes \
       --output=docs/datasets/tetrominoes.png
-  python -m tusk_jax.datasets.montage --dataset=mnist_hard --output=docs/datasets/mnist_hard.png
+  python -m tusk_jax.tools.montage --dataset=mnist_hard --output=docs/datasets/mnist_hard.png
 
-This module owns the montage only. Each tile is one example of the eval
+Each tile is one example of the eval
 iterator at the training resolution; with ground truth drawn: object
 discovery datasets get a second row with the entity-id mask in false
 colours, mnist_hard its boxes and labels, landmark datasets their points.
