@@ -2,38 +2,68 @@
 
     python -m tusk_jax.detect --workdir=runs/tetrominoes --input 'photos/*.png' --output out/
     python -m tusk_jax.detect --workdir=RUN --input photos/ --output out/ --num_keypoints=20
+    python -m tusk_jax.detect --exported=exported/tetrominoes --input 'photos/*.png' --output out/
 
 This module owns reading image files and writing detection files; the model
-is `tusk_jax.inference.Detector`. For each readable input `<name>.<ext>` it
-writes `<output>/<name>.json`:
+is `tusk_jax.inference.Detector` (a training workdir) or
+`tusk_jax.exported.ExportedDetector` (a folder of `tusk_jax.export`, whose
+`workdir` and `step` are those of the run it was exported from). For each
+readable input `<name>.<ext>` it writes `<output>/<name>.json`:
 
-    {"file": ..., "width": W, "height": H, "workdir": ..., "step": ...,
+    {"file": ..., "width": W, "height": H, "network_width": w, "network_height": h,
+     "pixel_values": "8-bit", "workdir": ..., "step": ...,
      "num_keypoints": K, "min_confidence": ..., "scale": ...,
      "keypoints": [{"x", "y", "confidence", "prototype", "descriptor": [C floats]}, ...]}
 
 with (x, y) in pixels of the file's image, pixel centres at integers (SPEC
-section 1), and `<output>/<name>.png`, the image with a disc per keypoint
-coloured by prototype. Two inputs with the same name get `<name>_2`, ...;
-`<output>/summary.json` lists what was written and what was skipped.
-Unreadable files (not an image, truncated, too small for K keypoints) are
-reported and skipped; they never stop the batch.
+section 1), and `<output>/<name>.png`, the image the network saw (w x h)
+with a disc per keypoint coloured by prototype. Two inputs with the same
+name (also differing only in case) get `<name>_2`, ...; `<output>/summary.json`
+lists what was written and what was skipped, and is written even when the
+batch is interrupted; an input named `summary.*` gets `summary_2.*`.
+
+Pixel values are scaled by the file's bit depth: 8-bit as they are, 16-bit
+PNG/TIFF by 65535 (other integer depths by theirs), float TIFF in [0, 1] by
+255, other floats stretched from their range ("pixel_values" says which).
+Size: the network sees the file times `--scale`, downscaled further to at
+most `--max_pixels` (MAX_NETWORK_PIXELS, 2048 x 2048) while the pixels are
+still integers (JPEG decoded at reduced scale), so a large photo never
+becomes a large float array; files above MAX_FILE_PIXELS (150 M pixels) are
+refused before decoding. A file that cannot be read (not an image,
+truncated, too large, too small for K keypoints), detected (e.g. out of
+memory) or written is reported in `failed` and skipped; it never stops the
+batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from absl import app, flags, logging
 from PIL import Image, ImageOps
 
-from tusk_jax import inference, visualization
+from tusk_jax import detection_io, exported, inference, visualization
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+# Files with more pixels are refused before decoding (a decoded pixel takes up to 4
+# bytes, so about 600 MB at the limit; 12000 x 12000 = 144 M pixels passes).
+MAX_FILE_PIXELS = 150_000_000
+# At most this many pixels reach the network (--max_pixels); larger images (after
+# --scale) are downscaled while still 8/16-bit, keypoints map back to the file's pixels.
+MAX_NETWORK_PIXELS = 2048 * 2048
+# PIL modes of more than 8 bits per sample: scaled by bit depth or range, not clipped.
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+ORIENTATION_TAG = 0x0112  # EXIF orientation; 5..8 swap width and height.
+# Output stems kept for the command's own files: an input `summary.png` writes
+# `summary_2.json` / `summary_2.png`, never over `summary.json`.
+RESERVED_STEMS = ("summary",)
 # The annotated PNG is upscaled (nearest) until its longer side reaches about this size.
 ANNOTATION_TARGET_SIDE = 256
 ANNOTATION_MAX_SCALE = 8
@@ -68,32 +98,161 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
     return unique
 
 
-def read_image(path: str) -> np.ndarray:
-    """An image file as uint8 `[H, W, 3]` (EXIF orientation applied, grey/alpha/palette to RGB).
+@dataclasses.dataclass(frozen=True)
+class ImageFile:
+    """An image file read at the size the network sees.
+
+    Attributes:
+      image: uint8 `[h, w, 3]`, the file's pixels resized to the network's size.
+      width, height: the file's size in pixels (after its EXIF orientation).
+      pixel_values: how the file's values became 0..255 (e.g. "16-bit: value / 65535").
+    """
+
+    image: np.ndarray
+    width: int
+    height: int
+    pixel_values: str
+
+    def to_file_pixels(self, keypoints: np.ndarray) -> np.ndarray:
+        """(x, y) `[K, 2]` in `image` pixels -> the file's pixels (centres at integers)."""
+        h, w = self.image.shape[:2]
+        ratio = np.array([self.width / w, self.height / h], np.float32)
+        return (np.asarray(keypoints, np.float32) + 0.5) * ratio - 0.5
+
+
+def network_size(width: int, height: int, scale: float, max_pixels: int) -> tuple[int, int]:
+    """(width, height) the network sees: `scale` times the file's, then at most `max_pixels`.
+
+    Sides are rounded, at least 1 pixel; the aspect ratio is kept.
+    """
+    factor = scale * min(1.0, (max_pixels / (width * height * scale * scale)) ** 0.5)
+    return max(1, round(width * factor)), max(1, round(height * factor))
+
+
+def _bits_per_sample(image: Image.Image) -> int | None:
+    """The TIFF BitsPerSample tag (first value), None for other formats."""
+    tags = getattr(image, "tag_v2", None)
+    bits = tags.get(258) if tags is not None else None
+    if isinstance(bits, tuple):
+        bits = bits[0] if bits else None
+    return int(bits) if bits else None
+
+
+def _high_depth_to_uint8(image: Image.Image, bits: int | None) -> tuple[np.ndarray, str]:
+    """A one-channel image of more than 8 bits (`I;16*`, `I`, `F`) -> uint8 `[H, W]`.
+
+    Integers are scaled by their bit depth (`bits`: the TIFF tag, else 16, as
+    PNG); floats in [0, 1] by 255, other finite floats stretched from their
+    range [min, max] to [0, 1].
 
     Raises:
-      OSError (also PIL's UnidentifiedImageError), ValueError, SyntaxError
-      (some broken PNGs), DecompressionBombError: not a readable image.
+      ValueError: integers outside their bit depth, non-finite floats.
     """
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    values = np.asarray(image)
+    if image.mode == "F":
+        values = values.astype(np.float32)
+        if not np.all(np.isfinite(values)):
+            raise ValueError("float image with non-finite values (NaN or Inf)")
+        low, high = float(values.min()), float(values.max())
+        if low >= 0.0 and high <= 1.0:
+            note = "float in [0, 1]: value * 255"
+        else:
+            values = (values - low) / max(high - low, 1e-30)
+            note = f"float in [{low:g}, {high:g}]: stretched to [0, 255]"
+            logging.warning("Float image values in [%g, %g] are stretched to [0, 1].", low, high)
+    else:
+        bits = min(bits or 16, 31)
+        top = 2**bits - 1
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > top:
+            raise ValueError(
+                f"{image.mode} values in [{low}, {high}] are outside the {bits}-bit range 0..{top}"
+            )
+        values = values.astype(np.float32) / np.float32(top)
+        note = f"{bits}-bit: value / {top}"
+    return np.round(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8), note
+
+
+def read_image(
+    path: str,
+    scale: float = 1.0,
+    max_pixels: int | None = None,
+    max_file_pixels: int = MAX_FILE_PIXELS,
+) -> ImageFile:
+    """An image file as uint8 `[h, w, 3]` at the network's size (see `ImageFile`).
+
+    EXIF orientation is applied; grey, alpha and palette become RGB. Values
+    are scaled by the file's bit depth: 8-bit as they are, 16-bit (and other
+    integer depths) by 2**bits - 1, float in [0, 1] by 255, other floats
+    stretched from their range. The image is resized (bilinear, antialiased)
+    to `network_size(W, H, scale, max_pixels)` while it is still 8- or 16-bit
+    or PIL's own float (a JPEG is decoded at 1/2..1/8 scale when that is
+    enough), so a large file never becomes a large float array.
+
+    Args:
+      path: the file.
+      scale: resize factor before the network.
+      max_pixels: at most this many pixels reach the network (None: no limit).
+      max_file_pixels: files with more pixels are refused before decoding.
+
+    Raises:
+      ValueError: above `max_file_pixels`; values out of range. OSError
+      (also PIL's UnidentifiedImageError), SyntaxError (some broken PNGs),
+      DecompressionBombError: not a readable image.
+    """
+    with warnings.catch_warnings():
+        # Our own limit (max_file_pixels) replaces PIL's decompression-bomb warning.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            raw_w, raw_h = image.size
+            if raw_w * raw_h > max_file_pixels:
+                raise ValueError(
+                    f"{raw_w}x{raw_h} ({raw_w * raw_h / 1e6:.1f} M pixels) is above the limit "
+                    f"of {max_file_pixels / 1e6:g} M pixels per file; downscale it first"
+                )
+            transposed = image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+            width, height = (raw_h, raw_w) if transposed else (raw_w, raw_h)
+            size = network_size(width, height, scale, max_pixels or width * height * scale**2)
+            if size[0] < width:  # JPEG: decode at the smallest DCT scale still >= size.
+                image.draft(image.mode, size[::-1] if transposed else size)
+            bits = _bits_per_sample(image)
+            ImageOps.exif_transpose(image, in_place=True)
+            if image.mode in HIGH_DEPTH_MODES:
+                if image.mode.startswith("I;16") and image.size != size:
+                    image = image.convert("I")  # PIL resizes I and F, not I;16.
+                if image.size != size:
+                    image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+                grey, note = _high_depth_to_uint8(image, bits)
+                return ImageFile(np.repeat(grey[..., None], 3, axis=-1), width, height, note)
+            if image.mode in ("L", "RGB") and image.size != size:  # Resize, then convert.
+                image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+            rgb = image.convert("RGB")
+            if rgb.size != size:
+                rgb = rgb.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+            return ImageFile(np.asarray(rgb, dtype=np.uint8), width, height, "8-bit")
 
 
 def output_stems(paths: Sequence[str]) -> list[str]:
-    """Output base names: the input's name without extension, made unique with `_2`, `_3`."""
-    used: dict[str, int] = {}
+    """Output base names: the input's name without extension, made unique with `_2`, `_3`.
+
+    Unique also when case is ignored (case-insensitive filesystems) and never
+    one of RESERVED_STEMS (the summary's name).
+    """
+    used = {stem.casefold() for stem in RESERVED_STEMS}
     stems = []
     for path in paths:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        count = used.get(stem, 0) + 1
-        used[stem] = count
-        stems.append(stem if count == 1 else f"{stem}_{count}")
+        base = os.path.splitext(os.path.basename(path))[0]
+        stem, count = base, 1
+        while stem.casefold() in used:
+            count += 1
+            stem = f"{base}_{count}"
+        used.add(stem.casefold())
+        stems.append(stem)
     return stems
 
 
 def annotate(
-    image: np.ndarray, detections: inference.Detections, num_prototypes: int
+    image: np.ndarray, detections: detection_io.Detections, num_prototypes: int
 ) -> np.ndarray:
     """The image upscaled to about `ANNOTATION_TARGET_SIDE` with keypoint discs, uint8."""
     height, width = image.shape[:2]
@@ -126,22 +285,30 @@ def _write_json(path: str, record: dict) -> None:
 
 
 def detect_files(
-    detector: inference.Detector,
+    detector: inference.Detector | exported.ExportedDetector,
     paths: Sequence[str],
     output_dir: str,
     *,
     num_keypoints: int | None = None,
     min_confidence: float = 0.0,
     scale: float = 1.0,
+    max_pixels: int | None = MAX_NETWORK_PIXELS,
+    max_file_pixels: int = MAX_FILE_PIXELS,
     chunk_size: int = 32,
 ) -> dict:
     """Detects keypoints in image files and writes `<stem>.json` and `<stem>.png` for each.
 
+    A file that cannot be read, detected or written is recorded in `failed`
+    and never stops the others; `<output_dir>/summary.json` is written even
+    when the loop is interrupted (then with what was done so far).
+
     Args:
-      detector: the model (`inference.load`).
+      detector: the model (`inference.load` or `exported.load`).
       paths: image files.
       output_dir: created if missing.
-      num_keypoints, min_confidence, scale: see `inference.Detector.detect`.
+      num_keypoints, min_confidence: see `inference.Detector.detect`.
+      scale: images are resized by this factor before the network.
+      max_pixels, max_file_pixels: see `read_image`.
       chunk_size: files read and detected together.
 
     Returns:
@@ -154,67 +321,86 @@ def detect_files(
     written, failed = [], {}
     stems = output_stems(paths)
     k = detector.resolve_num_keypoints(num_keypoints)
-    for start in range(0, len(paths), chunk_size):
-        chunk = []
-        names = zip(
-            paths[start : start + chunk_size], stems[start : start + chunk_size], strict=True
-        )
-        for path, stem in names:
-            json_path = os.path.join(output_dir, f"{stem}.json")
-            png_path = os.path.join(output_dir, f"{stem}.png")
-            if {os.path.abspath(json_path), os.path.abspath(png_path)} & inputs:
-                failed[path] = f"its output {png_path} would overwrite an input file"
-            else:
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale!r}.")
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels!r}.")
+
+    settings = {
+        "workdir": detector.workdir and os.path.abspath(detector.workdir),
+        "step": detector.step,
+        "num_keypoints": k,
+        "min_confidence": float(min_confidence),
+        "scale": float(scale),
+    }
+
+    def fail(path: str, reason: str) -> None:
+        failed[path] = reason
+        logging.error("Skipping %s: %s", path, reason)
+
+    try:
+        for start in range(0, len(paths), chunk_size):
+            chunk = []
+            names = zip(
+                paths[start : start + chunk_size], stems[start : start + chunk_size], strict=True
+            )
+            for path, stem in names:
+                json_path = os.path.join(output_dir, f"{stem}.json")
+                png_path = os.path.join(output_dir, f"{stem}.png")
+                if {os.path.abspath(json_path), os.path.abspath(png_path)} & inputs:
+                    fail(path, f"its output {png_path} would overwrite an input file")
+                    continue
                 try:
-                    image = read_image(path)
-                    if image.shape[0] * image.shape[1] < k:
-                        raise ValueError(
-                            f"{image.shape[1]}x{image.shape[0]} has fewer pixels than K={k}"
-                        )
-                    chunk.append((path, image, json_path, png_path))
+                    read = read_image(path, scale, max_pixels, max_file_pixels)
+                    h, w = read.image.shape[:2]
+                    if h * w < k:
+                        raise ValueError(f"{w}x{h} has fewer pixels than K={k}")
+                    chunk.append((path, read, json_path, png_path))
                 except Exception as error:  # noqa: BLE001 - PIL raises many types (even SyntaxError).
-                    failed[path] = f"unreadable: {type(error).__name__}: {error}"
-            if path in failed:
-                logging.error("Skipping %s: %s", path, failed[path])
-        if not chunk:
-            continue
-        try:
-            results = detector.detect(
-                [c[1] for c in chunk], k, min_confidence=min_confidence, scale=scale
-            )
-        except ValueError:
-            # Isolate the image at fault; the others still get their files.
-            results = []
-            for path, image, _, _ in chunk:
-                try:
-                    results.append(
-                        detector.detect(image, k, min_confidence=min_confidence, scale=scale)[0]
-                    )
-                except ValueError as error:
-                    failed[path] = str(error)
-                    logging.error("Skipping %s: %s", path, error)
-                    results.append(None)
-        for (path, image, json_path, png_path), found in zip(chunk, results, strict=True):
-            if found is None:
+                    fail(path, f"unreadable: {type(error).__name__}: {error}")
+            if not chunk:
                 continue
-            record = {
-                "file": os.path.abspath(path),
-                "width": int(image.shape[1]),
-                "height": int(image.shape[0]),
-                "workdir": detector.workdir and os.path.abspath(detector.workdir),
-                "step": detector.step,
-                "num_keypoints": k,
-                "min_confidence": float(min_confidence),
-                "scale": float(scale),
-                "keypoints": found.to_json(),
-            }
-            _write_json(json_path, record)
-            visualization.save_png(png_path, annotate(image, found, detector.num_prototypes))
-            written.append(
-                {"file": path, "json": json_path, "png": png_path, "num_keypoints": len(found)}
-            )
-    summary = {"written": written, "failed": failed}
-    _write_json(os.path.join(output_dir, "summary.json"), summary)
+            try:
+                results = detector.detect(
+                    [c[1].image for c in chunk], k, min_confidence=min_confidence
+                )
+            except Exception:  # noqa: BLE001 - e.g. out of memory: find the image at fault.
+                results = []
+                for path, read, _, _ in chunk:
+                    try:
+                        results.append(
+                            detector.detect(read.image, k, min_confidence=min_confidence)[0]
+                        )
+                    except Exception as error:  # noqa: BLE001 - the others still get their files.
+                        fail(path, f"detection failed: {type(error).__name__}: {error}")
+                        results.append(None)
+            for (path, read, json_path, png_path), found in zip(chunk, results, strict=True):
+                if found is None:
+                    continue
+                keypoints = read.to_file_pixels(found.keypoints)
+                record = {
+                    "file": os.path.abspath(path),
+                    "width": read.width,
+                    "height": read.height,
+                    "network_width": int(read.image.shape[1]),
+                    "network_height": int(read.image.shape[0]),
+                    "pixel_values": read.pixel_values,
+                    **settings,
+                    "keypoints": dataclasses.replace(found, keypoints=keypoints).to_json(),
+                }
+                try:
+                    _write_json(json_path, record)
+                    annotated = annotate(read.image, found, detector.num_prototypes)
+                    visualization.save_png(png_path, annotated)
+                except OSError as error:
+                    fail(path, f"cannot write its output: {type(error).__name__}: {error}")
+                    continue
+                written.append(
+                    {"file": path, "json": json_path, "png": png_path, "num_keypoints": len(found)}
+                )
+    finally:
+        summary = {"written": written, "failed": failed}
+        _write_json(os.path.join(output_dir, "summary.json"), summary)
     return summary
 
 
@@ -223,6 +409,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     this module next to other command-line modules defines no duplicate flag)."""
     fv = {"flag_values": flag_values}
     flags.DEFINE_string("workdir", None, "The training workdir (config.json, checkpoints/).", **fv)
+    flags.DEFINE_string(
+        "exported", None, "Instead of --workdir: a folder written by tusk_jax.export.", **fv
+    )
     flags.DEFINE_multi_string(
         "input", None, "Image files: glob pattern (quote it), file or directory; repeatable.", **fv
     )
@@ -232,6 +421,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     )
     flags.DEFINE_float("min_confidence", 0.0, "Drop keypoints with a lower confidence.", **fv)
     flags.DEFINE_float("scale", 1.0, "Resize the images by this factor before the network.", **fv)
+    flags.DEFINE_integer(
+        "max_pixels",
+        MAX_NETWORK_PIXELS,
+        "At most this many pixels per image reach the network; larger ones (after --scale) "
+        "are downscaled, keypoints still in the file's pixels.",
+        **fv,
+    )
     flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.", **fv)
     flags.DEFINE_integer("batch_size", 16, "Images per network call.", **fv)
 
@@ -242,16 +438,26 @@ def run(flag_values: flags.FlagValues) -> dict:
     Exits (SystemExit) with a message when no file matches, the run cannot
     be loaded, or no image could be processed.
     """
-    for name in ("workdir", "input", "output"):
+    for name in ("input", "output"):
         if not flag_values[name].value:
             raise app.UsageError(f"--{name} is required.")
+    if bool(flag_values.workdir) == bool(flag_values.exported):
+        raise app.UsageError("Give one of --workdir or --exported.")
+    if flag_values.exported and (flag_values.step is not None or flag_values.scale != 1):
+        raise app.UsageError(
+            "--step and --scale apply to --workdir only: an exported detector is one step, "
+            "and it resizes every image to its training size."
+        )
     paths = expand_inputs(flag_values.input)
     if not paths:
         sys.exit(f"error: no file matches --input {flag_values.input}.")
     try:
-        detector = inference.load(
-            flag_values.workdir, flag_values.step, batch_size=flag_values.batch_size
-        )
+        if flag_values.exported:
+            detector = exported.load(flag_values.exported, batch_size=flag_values.batch_size)
+        else:
+            detector = inference.load(
+                flag_values.workdir, flag_values.step, batch_size=flag_values.batch_size
+            )
         summary = detect_files(
             detector,
             paths,
@@ -259,6 +465,7 @@ def run(flag_values: flags.FlagValues) -> dict:
             num_keypoints=flag_values.num_keypoints,
             min_confidence=flag_values.min_confidence,
             scale=flag_values.scale,
+            max_pixels=flag_values.max_pixels,
         )
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")

@@ -6,18 +6,19 @@
     rebuilt = detector.reconstruct(images)                 # list of [H, W, 3]
 
 Images: any count and size, `[H, W]`, `[H, W, 1]` or `[H, W, 3]`, uint8
-(0..255) or float in [0, 1]; grayscale is repeated to RGB. Each image is
-padded at the bottom and right (reflection) to a multiple of 2**(depth - 1)
-for the U-Net and its maps are cropped back before the keypoints are taken,
-so keypoints are in the image's own pixel coordinates (SPEC 1). Any number of
-keypoints works: there is one score map, and more keypoints take more of its
-peaks. Restoring a run is `tusk_jax.checkpointing`'s job.
+(0..255) or float in [0, 1]; grayscale is repeated to RGB (the input handling
+and `Detections` live in `tusk_jax.detection_io`, shared with the exported
+detector of `tusk_jax.exported`). Each image is padded at the bottom and right
+(reflection) to a multiple of 2**(depth - 1) for the U-Net and its maps are
+cropped back before the keypoints are taken, so keypoints are in the image's
+own pixel coordinates (SPEC 1). Any number of keypoints works: there is one
+score map, and more keypoints take more of its peaks. Restoring a run is
+`tusk_jax.checkpointing`'s job.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,133 +28,19 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from tusk_jax import checkpointing, models, ops
-
-# ----------------------------------------------------------------------------
-# Images in.
-# ----------------------------------------------------------------------------
-
-
-def as_rgb_float(image: ArrayLike, name: str = "image") -> np.ndarray:
-    """One image -> float32 `[H, W, 3]` in [0, 1].
-
-    Args:
-      image: `[H, W]`, `[H, W, 1]` or `[H, W, 3]`; uint8 (0..255) or float in
-        [0, 1] (values within 1e-3 outside are clipped).
-      name: named in error messages.
-
-    Raises:
-      ValueError: other ranks, channel counts, dtypes or value ranges.
-    """
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3 or array.shape[-1] not in (1, 3):
-        raise ValueError(f"{name} must be [H, W], [H, W, 1] or [H, W, 3], got shape {array.shape}.")
-    if array.shape[0] < 1 or array.shape[1] < 1:
-        raise ValueError(f"{name} is empty: shape {array.shape}.")
-    if array.dtype == np.uint8:
-        array = array.astype(np.float32) / np.float32(255.0)
-    elif np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32)
-        if not np.all(np.isfinite(array)):
-            raise ValueError(f"{name} has non-finite values.")
-        low, high = float(array.min()), float(array.max())
-        if low < -1e-3 or high > 1.0 + 1e-3:
-            raise ValueError(
-                f"{name}: float images must be in [0, 1], got values in [{low:g}, {high:g}] "
-                "(pass uint8 for 0..255)."
-            )
-        array = np.clip(array, 0.0, 1.0)
-    else:
-        raise ValueError(f"{name} must be uint8 or float, got dtype {array.dtype}.")
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    return array
-
-
-def as_image_list(images: ArrayLike | Sequence[ArrayLike]) -> list[np.ndarray]:
-    """Images in any accepted form -> list of float32 `[H, W, 3]`.
-
-    A list or tuple holds images (sizes may differ); a 4-D array is a batch
-    `[B, H, W, C]`; a 2-D or 3-D array is one image.
-    """
-    if isinstance(images, (list, tuple)):
-        items = list(images)
-    else:
-        array = np.asarray(images)
-        items = list(array) if array.ndim == 4 else [array]
-    return [as_rgb_float(image, f"images[{i}]") for i, image in enumerate(items)]
-
-
-def padded_size(size: int, multiple: int) -> int:
-    """Smallest multiple of `multiple` that is >= `size`."""
-    return -(-size // multiple) * multiple
-
-
-def pad_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Pads `[h, w, 3]` at the bottom and right to `[height, width, 3]` by reflection.
-
-    Pixel (x, y) keeps its coordinates. A side of one pixel (nothing to
-    reflect) is repeated instead.
-    """
-    h, w = image.shape[:2]
-    pad = ((0, height - h), (0, width - w), (0, 0))
-    mode = "reflect" if min(h, w) > 1 else "edge"
-    return np.pad(image, pad, mode=mode)
-
-
-def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
-    """Bilinear (antialiased) resize of `[H, W, 3]` by `scale` (sides rounded, >= 1 px).
-
-    Pixel centres map as x' = (x + 0.5) * W' / W - 0.5 (half-pixel centres).
-    """
-    h, w = image.shape[:2]
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    if size == (h, w):
-        return image
-    resized = jax.image.resize(jnp.asarray(image), size + (3,), "linear", antialias=True)
-    return np.clip(np.asarray(resized, np.float32), 0.0, 1.0)
-
+from tusk_jax.detection_io import (
+    Detections,
+    as_image_list,
+    pad_image,
+    padded_size,
+    resize_image,
+    stack_batch,
+    to_detections,
+)
 
 # ----------------------------------------------------------------------------
 # The detector.
 # ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Detections:
-    """The keypoints found in one image.
-
-    Attributes:
-      keypoints: `[N, 2]` float32 (x, y) pixels of the image as given (pixel
-        centres at integers), best first (decreasing peak score).
-      confidence: `[N]` float32 in [0, 1], the score map at each keypoint.
-      prototype: `[N]` int32, the nearest prototype of each descriptor.
-      descriptors: `[N, C]` float32, unit L2 norm.
-    """
-
-    keypoints: np.ndarray
-    confidence: np.ndarray
-    prototype: np.ndarray
-    descriptors: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.keypoints.shape[0])
-
-    def to_json(self) -> list[dict]:
-        """One dict per keypoint: x, y, confidence, prototype, descriptor (plain Python)."""
-        return [
-            {
-                "x": float(xy[0]),
-                "y": float(xy[1]),
-                "confidence": float(c),
-                "prototype": int(p),
-                "descriptor": [float(v) for v in d],
-            }
-            for xy, c, p, d in zip(
-                self.keypoints, self.confidence, self.prototype, self.descriptors, strict=True
-            )
-        ]
 
 
 class Detector:
@@ -287,11 +174,7 @@ class Detector:
             hp, wp = padded_size(h, self.pad_multiple), padded_size(w, self.pad_multiple)
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
-                # Batches padded to a power of two (<= batch_size): few compilations.
-                rows = min(1 << (len(chunk) - 1).bit_length(), self.batch_size)
-                batch = np.zeros((rows, hp, wp, 3), np.float32)
-                for row, index in enumerate(chunk):
-                    batch[row] = pad_image(images[index], hp, wp)
+                batch = stack_batch([pad_image(images[i], hp, wp) for i in chunk], self.batch_size)
                 out = jax.device_get(
                     self._run(
                         self._weights,
@@ -344,29 +227,10 @@ class Detector:
         originals = as_image_list(images)
         inputs = [resize_image(image, scale) for image in originals] if scale != 1 else originals
         outputs = self._batched(inputs, k, decode=False)
-        found = []
-        for original, network_input, out in zip(originals, inputs, outputs, strict=True):
-            keypoints = np.asarray(out["keypoints"], np.float32)
-            if network_input.shape != original.shape:
-                ratio = np.array(
-                    [
-                        original.shape[1] / network_input.shape[1],
-                        original.shape[0] / network_input.shape[0],
-                    ],
-                    np.float32,
-                )
-                keypoints = (keypoints + 0.5) * ratio - 0.5
-            confidence = np.asarray(out["confidence"], np.float32)
-            keep = confidence >= min_confidence
-            found.append(
-                Detections(
-                    keypoints=keypoints[keep],
-                    confidence=confidence[keep],
-                    prototype=np.asarray(out["prototype"], np.int32)[keep],
-                    descriptors=np.asarray(out["descriptors"], np.float32)[keep],
-                )
-            )
-        return found
+        return [
+            to_detections(out, network_input.shape[:2], original.shape[:2], min_confidence)
+            for original, network_input, out in zip(originals, inputs, outputs, strict=True)
+        ]
 
     def reconstruct(
         self,
@@ -412,6 +276,34 @@ class Detector:
         k = self.resolve_num_keypoints(num_keypoints)
         images = np.asarray(images, np.float32)
         return jax.device_get(self._apply(self._weights, images, num_keypoints=k))
+
+    def network(self, num_keypoints: int | None = None, decode: bool = False) -> Callable:
+        """The body `detect` runs, as a pure function of the images with the weights closed over.
+
+        For tracing (`jax.jit`, `jax.export`: the weights become constants of
+        the program); `detect` itself passes the weights as arguments.
+
+        Args:
+          num_keypoints: K (None: the trained K).
+          decode: also render `reconstruction` (and, in alpha mode, `rgb`,
+            `alpha`).
+
+        Returns:
+          `fn(images)`: `[B, H, W, 3]` float32 in [0, 1], H and W divisible by
+          2**(depth - 1) (B may be symbolic) -> dict of `keypoints` `[B, K, 2]`
+          (x, y) pixels, `confidence` `[B, K]`, `prototype` `[B, K]` int32,
+          `descriptors` `[B, K, C]` and, with `decode`, `reconstruction`
+          `[B, H, W, 3]`.
+        """
+        k = self.resolve_num_keypoints(num_keypoints)
+
+        def fn(images):
+            height, width = images.shape[1], images.shape[2]
+            return self._forward(
+                self._weights, images, height=height, width=width, num_keypoints=k, decode=decode
+            )
+
+        return fn
 
     def render_prototypes(
         self, size: int | None = None, confidence: float = 1.0

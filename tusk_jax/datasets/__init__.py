@@ -9,8 +9,11 @@ download and how to add a dataset.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import importlib
+import os
+import shutil
 import time
 import types
 
@@ -75,14 +78,29 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
     Preparation is atomic: tfds writes into `<dir>/incomplete.*` and renames
     it to its final name only when every split is written, so an interrupted
     run leaves nothing that looks complete (the next call starts again).
+    Preparers of one builder config take turns (a lock file `.prepare.lock`
+    in its folder); the one holding the lock first removes the `incomplete.*`
+    folders that a killed run left (no live run can own them), and a process
+    that waited finds the dataset prepared.
     """
     builder = get_builder(config)
     if builder.is_prepared():
         logging.info("Dataset %s found in %s.", config.dataset.name, builder.data_dir)
         return builder
-    logging.info("Preparing dataset %s into %s ...", config.dataset.name, builder.data_dir)
-    start = time.time()
-    builder.download_and_prepare()
+    config_dir = os.fspath(builder.data_path.parent)  # <data_dir>/<builder>/<config>
+    os.makedirs(config_dir, exist_ok=True)
+    with open(os.path.join(config_dir, ".prepare.lock"), "w") as lock:
+        locked = _lock(lock, config_dir)
+        if locked:
+            if builder.is_prepared():  # By another process, while this one waited.
+                logging.info(
+                    "Dataset %s prepared meanwhile in %s.", config.dataset.name, config_dir
+                )
+                return get_builder(config)  # Reads the new dataset_info.json.
+            remove_incomplete(config_dir)
+        logging.info("Preparing dataset %s into %s ...", config.dataset.name, builder.data_dir)
+        start = time.time()
+        builder.download_and_prepare()
     logging.info(
         "Prepared dataset %s in %.1f s: %s",
         config.dataset.name,
@@ -90,6 +108,47 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
         {k: v.num_examples for k, v in builder.info.splits.items()},
     )
     return builder
+
+
+def _lock(file, folder: str) -> bool:
+    """Takes an exclusive lock on the open `file` (waits for it); False where locks fail."""
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX)
+    except OSError as error:
+        logging.warning(
+            "No file lock in %s (%s): stale incomplete.* folders are kept, and processes "
+            "preparing this dataset at the same time may collide.",
+            folder,
+            error,
+        )
+        return False
+    return True
+
+
+def remove_incomplete(config_dir: str) -> list[str]:
+    """Removes the `incomplete.*` folders and files of a killed preparation; returns their paths.
+
+    Call only while holding the preparation lock of `config_dir`
+    (`<data_dir>/<builder>/<config>`): tfds writes there, in
+    `incomplete.<random>_<version>/`, until every split is written.
+    """
+    removed = []
+    for name in sorted(os.listdir(config_dir)):
+        if not name.startswith("incomplete."):
+            continue
+        path = os.path.join(config_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+        removed.append(path)
+    if removed:
+        logging.warning(
+            "Removed %d incomplete folder(s) left by an interrupted preparation: %s",
+            len(removed),
+            ", ".join(removed),
+        )
+    return removed
 
 
 def split_name(name: str, split: str) -> str:

@@ -2,9 +2,10 @@
 
 Real source only. Manual dir layout (the official CelebA folders plus the
 MAFL lists; `<m>` is the manual dir, files looked up in `<m>/celeba/` first,
-then `<m>/`):
+then `<m>/CelebA/` (the official download's folder), then `<m>/`):
 
-    img_celeba/000001.jpg ...           "In-The-Wild Images" (unaligned)
+    img_celeba/000001.jpg ...           "In-The-Wild Images" (unaligned), or
+    Img/img_celeba/000001.jpg ...       the same where the official download has it
     Anno/list_bbox_celeba.txt           face boxes: image x_1 y_1 width height
     Anno/list_landmarks_celeba.txt      5 landmarks of the unaligned images
     Eval/list_eval_partition.txt        image partition (0 train, 1 val, 2 test)
@@ -43,23 +44,20 @@ ORIGIN = (
     "('In-The-Wild Images'), Anno/ and Eval/ folders; MAFL lists training.txt / "
     "testing.txt from the MAFL project (Zhang et al., TCDCN)."
 )
+# Folders searched, in order, inside the manual dir ("CelebA" is the official download's name).
+ROOTS = ("celeba/", "CelebA/", "")
+# Each file's places inside a root: flat, or the official layout (Img/img_celeba/).
+_PLACES = {
+    "images": ("img_celeba", "Img/img_celeba"),
+    "bbox": ("Anno/list_bbox_celeba.txt",),
+    "landmarks": ("Anno/list_landmarks_celeba.txt",),
+    "partition": ("Eval/list_eval_partition.txt",),
+    "mafl_train": ("MAFL/training.txt", "Eval/training.txt"),
+    "mafl_test": ("MAFL/testing.txt", "Eval/testing.txt"),
+}
 FILES = {
-    "images": ("celeba/img_celeba", "img_celeba"),
-    "bbox": ("celeba/Anno/list_bbox_celeba.txt", "Anno/list_bbox_celeba.txt"),
-    "landmarks": ("celeba/Anno/list_landmarks_celeba.txt", "Anno/list_landmarks_celeba.txt"),
-    "partition": ("celeba/Eval/list_eval_partition.txt", "Eval/list_eval_partition.txt"),
-    "mafl_train": (
-        "celeba/MAFL/training.txt",
-        "MAFL/training.txt",
-        "celeba/Eval/training.txt",
-        "Eval/training.txt",
-    ),
-    "mafl_test": (
-        "celeba/MAFL/testing.txt",
-        "MAFL/testing.txt",
-        "celeba/Eval/testing.txt",
-        "Eval/testing.txt",
-    ),
+    key: tuple(root + place for root in ROOTS for place in places)
+    for key, places in _PLACES.items()
 }
 
 

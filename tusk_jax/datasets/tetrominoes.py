@@ -13,7 +13,9 @@ Procedural source (`generate_scenes`): the same format, made with numpy.
 of 5x5-pixel blocks, each one of the 19 fixed orientations of the 7
 tetrominoes (`PIECES`) in one of 6 colours (red, green, blue, yellow,
 magenta, cyan), placed one after the other at uniform random pixel positions
-(a piece that would overlap an earlier one is re-drawn). Masks: entity 0 is
+(a piece that would overlap an earlier one is re-drawn; a scene that jams
+restarts, RESTARTS_PER_SCENE times per scene on average at most, then a
+ValueError). Masks: entity 0 is
 the background, entity i the i-th piece. `shape`: 0 for the background,
 1..19 for the pieces (the reference subtracts 1); `x`, `y`: centre of the
 piece's pixels (x = column, y = row, pixel centres at integers), 0 for the
@@ -49,6 +51,8 @@ ORIGIN = (
 )
 SEED = 20221128  # Base seed of the procedural generator (independent of config.seed).
 MAX_TRIES = 50  # Failed placements in a row before a scene is restarted.
+# Restarts allowed per scene on average before giving up (3 pieces: 0.007, 6: about 6).
+RESTARTS_PER_SCENE = 100
 EXAMPLES_PER_BLOCK = 2000  # Generator block; block b of split s uses seed (SEED, s, b).
 
 # Colour index = reference's table from the RGB triple: red 0, green 1, blue 2,
@@ -119,9 +123,17 @@ def generate_scenes(
       dict with `image` uint8 [N, 35, 35, 3], `mask` uint8 [N, E, 35, 35]
       (255 on the entity), `x`, `y`, `shape`, `visibility` float32 [N, E],
       `color` float32 [N, E, 3].
+
+    Raises:
+      ValueError: `num_pieces` outside [1, 6], or scenes that keep jamming
+        (more than RESTARTS_PER_SCENE restarts per scene on average).
     """
     if num_pieces < 1 or num_pieces > 6:
-        raise ValueError(f"num_pieces must be in [1, 6] for a 35x35 canvas, got {num_pieces}")
+        raise ValueError(
+            f"tetrominoes: num_pieces (dataset.num_objects) must be in [1, 6] for a 35x35 "
+            f"canvas, got {num_pieces}"
+        )
+    restarts_left = RESTARTS_PER_SCENE * num_scenes
     size = IMAGE_SIZE
     shapes = rng.integers(0, NUM_SHAPES, (num_scenes, num_pieces))
     colors = rng.integers(0, len(COLORS), (num_scenes, num_pieces))
@@ -150,6 +162,13 @@ def generate_scenes(
         fails[failed] += 1
         jammed = failed[fails[failed] >= MAX_TRIES]
         if jammed.size:
+            restarts_left -= jammed.size
+            if restarts_left < 0:
+                raise ValueError(
+                    f"tetrominoes: could not place {num_pieces} pieces on a {size}x{size} "
+                    f"canvas: {RESTARTS_PER_SCENE * num_scenes} restarts of {MAX_TRIES} failed "
+                    f"positions each for {num_scenes} scenes; lower dataset.num_objects"
+                )
             ids[jammed] = 0
             count[jammed] = 0
             fails[jammed] = 0
