@@ -252,7 +252,7 @@ def random_weights(config: ml_collections.ConfigDict, seed: int = 0) -> tuple[di
     """
     from tusk_jax import models
 
-    model = models.TUSK(config.model)
+    model = models.create_model(config)
     size = int(config.dataset.image_size)
     abstract = jax.eval_shape(
         model.init, jax.random.PRNGKey(seed), jax.ShapeDtypeStruct((1, size, size, 3), np.float32)

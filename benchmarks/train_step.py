@@ -79,7 +79,7 @@ def time_train_step(
         raise ValueError(
             f"batch_size={pairs} pairs must be a multiple of the {devices} local devices."
         )
-    model = models.TUSK(config.model)
+    model = models.create_model(config)
     state = state_lib.replicate(state_lib.create_train_state(config, model))
     step = train.make_p_train_step(config, model)
     size = config.dataset.image_size

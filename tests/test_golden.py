@@ -110,7 +110,7 @@ def _step_variant_metrics(overrides: dict) -> list[dict]:
         for dotted, value in overrides.items():
             section, field = dotted.split(".")
             config[section][field] = value
-    model = models.TUSK(config.model)
+    model = models.create_model(config)
     state = state_lib.replicate(state_lib.create_train_state(config, model))
     step = train.make_p_train_step(config, model)
     devices = jax.local_device_count()

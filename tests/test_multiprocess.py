@@ -233,17 +233,17 @@ SLURM_STEP = {
 
 
 def test_detect_cluster_from_the_environment():
-    assert distributed.detect_cluster({}) is None
-    assert distributed.detect_cluster(SLURM_STEP) == "slurm"
+    assert distributed.cluster_launcher({}) is None
+    assert distributed.cluster_launcher(SLURM_STEP) == "slurm"
     # One task (an allocation of one, `srun -n 1`) or no step node list: one process.
-    assert distributed.detect_cluster({**SLURM_STEP, "SLURM_NTASKS": "1"}) is None
-    assert distributed.detect_cluster({**SLURM_STEP, "SLURM_STEP_NUM_TASKS": "1"}) is None
+    assert distributed.cluster_launcher({**SLURM_STEP, "SLURM_NTASKS": "1"}) is None
+    assert distributed.cluster_launcher({**SLURM_STEP, "SLURM_STEP_NUM_TASKS": "1"}) is None
     assert (
-        distributed.detect_cluster({k: SLURM_STEP[k] for k in SLURM_STEP if "STEP" not in k})
+        distributed.cluster_launcher({k: SLURM_STEP[k] for k in SLURM_STEP if "STEP" not in k})
         is None
     )
     ompi = {"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}
-    assert distributed.detect_cluster(ompi) == "openmpi"
+    assert distributed.cluster_launcher(ompi) == "openmpi"
 
 
 def test_initialize_only_when_multi_process(monkeypatch):

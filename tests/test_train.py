@@ -85,12 +85,13 @@ def fake_data(monkeypatch):
 def compiled_step(device_count):
     """The :test config's step, pmapped over the first `device_count` devices, and a trace count."""
     config = make_config()
-    model = models.TUSK(config.model)
+    model = models.create_model(config)
+    step_config = train.StepConfig.from_config(config, model)
     traces = []
 
     def counted(state, images, vgg):
         traces.append(1)
-        return train.train_step(state, images, vgg, model=model, config=config)
+        return train.train_step(state, images, vgg, cfg=step_config)
 
     step = jax.pmap(counted, axis_name=train.AXIS, devices=jax.devices()[:device_count])
     return config, model, step, traces
@@ -248,7 +249,7 @@ def test_sigterm_saves_and_stops(tmp_path, fake_data):
 def test_kmeans_ablation_pulls_prototypes_onto_descriptors():
     """prototype_objective='kmeans': the prototype steps minimise L_km, not L_sw."""
     config = make_config(prototype_objective="kmeans", num_prototype_steps=8)
-    model = models.TUSK(config.model)
+    model = models.create_model(config)
     state = state_lib.create_train_state(config, model)
     images = squares(0, config.train.batch_size).reshape(2, -1, IMAGE_SIZE, IMAGE_SIZE, 3)
     new_state, metrics = train.make_p_train_step(config, model)(
@@ -292,7 +293,7 @@ def test_cosine_optimizer_stops_moving_at_num_steps():
 
 def test_joint_ablation_step_runs():
     config = make_config(alternate=False, num_prototype_steps=0)
-    model = models.TUSK(config.model)
+    model = models.create_model(config)
     state = state_lib.replicate(state_lib.create_train_state(config, model))
     step = train.make_p_train_step(config, model)
     images = squares(0, config.train.batch_size).reshape(2, -1, IMAGE_SIZE, IMAGE_SIZE, 3)

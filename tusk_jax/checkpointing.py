@@ -205,7 +205,7 @@ def check_checkpoint_matches(manager, step: int, template: Any, workdir: str) ->
 
 def state_template(config: ml_collections.ConfigDict):
     """A host `TrainState` of zeros with the shapes `config` builds (no compilation)."""
-    model = models.TUSK(config.model)
+    model = models.create_model(config)
     abstract = jax.eval_shape(lambda: state_lib.create_train_state(config, model))
     return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
 

@@ -48,7 +48,7 @@ _SLURM_VARS = (
 _OMPI_VARS = ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")
 
 
-def detect_cluster(environ: dict[str, str] | None = None) -> str | None:
+def cluster_launcher(environ: dict[str, str] | None = None) -> str | None:
     """The multi-task launcher this process runs under, or None.
 
     Returns 'slurm' inside a SLURM job step of more than one task (the tasks
@@ -89,7 +89,7 @@ def initialize(
 
     Args:
       mode: 'auto': initialize when any explicit argument is given or
-        `detect_cluster()` finds a multi-task SLURM / Open MPI job, else run
+        `cluster_launcher()` finds a multi-task SLURM / Open MPI job, else run
         as one process. 'cluster': always call `jax.distributed.initialize`,
         which takes the arguments not given from the cluster JAX detects
         (Cloud TPU VM, SLURM, Open MPI, Kubernetes) and fails if none. 'off':
@@ -121,7 +121,7 @@ def initialize(
                 f"--distributed=off contradicts the explicit {', '.join(sorted(given))}."
             )
         return False
-    cluster = detect_cluster()
+    cluster = cluster_launcher()
     if mode == "auto" and not given and cluster is None:
         return False
     if mode == "auto" and cluster is None:

@@ -215,38 +215,29 @@ def evaluate(
     """Evaluates a checkpoint of the run in `workdir` (see the module docstring).
 
     Args:
-      config: None to use the run's saved config, or a config that builds the
-        same model (checked; "checkpoint from another config" otherwise).
+      config: None (the run's saved config) or one that builds the same model.
       workdir: the training workdir.
       split: the evaluated split; None: config `dataset.eval_split` (`test`).
       step: checkpoint step; None: the latest.
       dataset: evaluate on another dataset of the same task (clevr10).
       num_keypoints: K at evaluation (None: the trained K).
-      num_examples: at most this many examples (None: config
-        `dataset.num_eval_examples`; -1: the whole split).
-      num_objects: evaluate on generated scenes with this many objects per
-        scene (tetrominoes, mnist_hard; see `prepare_config`); the results
-        go to their own `..._objects<N>_...` folder.
+      num_examples: at most this many (None: `dataset.num_eval_examples`; -1: all).
+      num_objects: generated scenes with this many objects (see
+        `prepare_config`); results go to an `..._objects<N>_...` folder.
       batch_size: images per batch (None: `train.batch_size`).
-      figures: write the PNG figures.
-      tsne_points: descriptors in the t-SNE figure (0: no t-SNE).
-      progress: show progress bars.
-      write: write `metrics.json` and the figures.
-      detector: a `Detector` of this run's model to reuse: the step's
-        weights are swapped in (`Detector.update`), so evaluating many steps
-        compiles the network once (see `tusk_jax.learning_curve`). None: a
-        new one.
+      figures, tsne_points: write the PNG figures; descriptors in the t-SNE (0: none).
+      progress, write: show progress bars; write `metrics.json` and the figures.
+      detector: a `Detector` of this run's model to reuse (the step's
+        weights are swapped in, no recompilation); None: a new one.
 
     Returns:
       dict with `dataset`, `split`, `step`, `num_keypoints`, `num_objects`
-      (the given `num_objects`, else None), `metrics` (name -> value;
-      fractions), `paper` (the SPEC 8 rows for the dataset), `eval_dir` and
-      `figures` (written PNG paths).
+      (given, else None), `metrics` (fractions), `paper` (SPEC 8 rows),
+      `eval_dir` and `figures` (written PNG paths).
 
     Raises:
       FileNotFoundError: no config or checkpoint in `workdir`.
-      ValueError: a checkpoint from another config, a bad override, a
-        `detector` of another model.
+      ValueError: another config's checkpoint or `detector`, a bad override.
     """
     trained = config_lib.load_config(workdir)
     config = prepare_config(
@@ -257,36 +248,17 @@ def evaluate(
     batch_size = int(batch_size or config.train.batch_size)
     split = split or config.dataset.get("eval_split", "test")
     info = datasets.get_info(config.dataset.name)
-    evaluator_class = evaluators.evaluator_class(info.task)
-
-    def make_evaluator(tsne_points=0, fit=None):
-        extra = {} if fit is None else {"fit": fit}
-        return evaluator_class(
-            detector.num_prototypes,
-            int(config.dataset.image_size),
-            tsne_points,
-            **info.evaluator_options,
-            **extra,
-        )
-
-    fit = None
-    if evaluator_class.fit_split is not None:
-        logging.info("Fitting on %s/%s.", info.name, evaluator_class.fit_split)
-        fit_config = ml_collections.ConfigDict(config.to_dict())
-        fit_config.dataset.num_eval_examples = -1
-        fit = make_evaluator()
-        run_split(
-            detector, fit_config, evaluator_class.fit_split, k, batch_size, fit, progress=progress
-        )
-    evaluator = make_evaluator(tsne_points if figures else 0, fit)
-    first = run_split(
-        detector, config, split, k, batch_size, evaluator, progress, keep_first=FIGURE_IMAGES
+    evaluator, first = evaluate_split(
+        detector, config, split, k, batch_size, tsne_points if figures else 0, progress
     )
     tag = ""
-    default_split = trained.dataset.get("eval_split", "test")
     if num_objects is not None:
         tag = f"{info.name}_objects{config.dataset.num_objects}_{split}_k{k}"
-    elif info.name != trained.dataset.name or split != default_split or k != detector.num_keypoints:
+    elif (info.name, split, k) != (
+        trained.dataset.name,
+        trained.dataset.get("eval_split", "test"),
+        detector.num_keypoints,
+    ):
         tag = f"{info.name}_{split}_k{k}"
     output = {
         "workdir": os.path.abspath(workdir),
@@ -296,16 +268,77 @@ def evaluate(
         "num_keypoints": k,
         "num_objects": None if num_objects is None else int(config.dataset.num_objects),
         "metrics": evaluator.result(),
-        "paper": [
-            {"metric": r.metric, "label": r.label, "tusk_paper": r.tusk, "best_other": r.best_other}
-            for r in info.paper
-        ],
+        "paper": [_paper_row(row) for row in info.paper],
         "eval_dir": eval_dir(workdir, step, tag),
         "figures": {},
     }
     if write:
         _write_outputs(output, detector, evaluator, first if figures else None, tsne_points)
     return output
+
+
+def _paper_row(row: datasets.common.PaperResult) -> dict[str, Any]:
+    return {
+        "metric": row.metric,
+        "label": row.label,
+        "tusk_paper": row.tusk,
+        "best_other": row.best_other,
+    }
+
+
+def evaluate_split(
+    detector: inference.Detector,
+    config: ml_collections.ConfigDict,
+    split: str,
+    num_keypoints: int,
+    batch_size: int,
+    tsne_points: int = 0,
+    progress: bool = True,
+) -> tuple[evaluators.base.Evaluator, dict[str, np.ndarray] | None]:
+    """The dataset's evaluator after `split` (and its `fit_split` first, if any).
+
+    Returns:
+      `(evaluator, first)`: `first` as `run_split` returns it (`FIGURE_IMAGES` images).
+    """
+    info = datasets.get_info(config.dataset.name)
+    evaluator_class = evaluators.evaluator_class(info.task)
+
+    def make_evaluator(tsne_points=0, **fit):
+        return evaluator_class(
+            detector.num_prototypes,
+            int(config.dataset.image_size),
+            tsne_points,
+            **info.evaluator_options,
+            **fit,
+        )
+
+    fit = {}
+    if evaluator_class.fit_split is not None:
+        logging.info("Fitting on %s/%s.", info.name, evaluator_class.fit_split)
+        fit_config = ml_collections.ConfigDict(config.to_dict())
+        fit_config.dataset.num_eval_examples = -1
+        fit["fit"] = make_evaluator()
+        run_split(
+            detector,
+            fit_config,
+            evaluator_class.fit_split,
+            num_keypoints,
+            batch_size,
+            fit["fit"],
+            progress=progress,
+        )
+    evaluator = make_evaluator(tsne_points, **fit)
+    first = run_split(
+        detector,
+        config,
+        split,
+        num_keypoints,
+        batch_size,
+        evaluator,
+        progress,
+        keep_first=FIGURE_IMAGES,
+    )
+    return evaluator, first
 
 
 def _restored_detector(

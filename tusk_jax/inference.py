@@ -68,7 +68,7 @@ class Detector:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.config = config
-        self.model = models.TUSK(config.model)
+        self.model = models.create_model(config)
         self.update(variables, prototypes, step)
         self.workdir = workdir
         self.batch_size = int(batch_size)

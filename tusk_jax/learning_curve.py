@@ -3,29 +3,14 @@
     python -m tusk_jax.learning_curve --workdir=runs/tetrominoes [--num_examples=500] [--every=1]
     python -m tusk_jax.learning_curve --runs=runs/a,runs/b --labels=lr1e-3,lr3e-3 --out=lr.png
 
-This module owns the curve of one run and plots of several. For a workdir it
-
-1. lists the kept checkpoint steps (`<workdir>/checkpoints/<step>`), keeps
-   the multiples of `every`, and evaluates each step not already in
-   `<workdir>/learning_curve.json` with `tusk_jax.evaluate.evaluate` (no
-   figures, nothing written under `eval/`), all through one `Detector`
-   whose weights are swapped per step, so the network compiles once;
-2. merges the training metrics logged at that step in `metrics.jsonl`
-   (every `loss/*`, `prototypes_in_use`, `steps_per_second`, prefixed
-   `train/`) and the training time `wall_seconds` (see `training_metrics`);
-3. writes `learning_curve.json` (a list of rows, one per step, sorted) after
-   every evaluated step, and `learning_curve.png`: one panel per evaluation
-   metric against the step, plus the training `loss/recon`.
-
-Steps already in the file are not evaluated again, so the command can be
-re-run while training goes on; rows of checkpoints the run has since deleted
-(`train.max_to_keep`) stay in the file. A file made with other evaluation
-settings (split, K, number of examples) is refused, not mixed.
-
-A row: `step`, `wall_seconds` (None when unknown), `dataset`, `split`,
-`num_keypoints`, every scalar evaluation metric of `evaluate` (fractions;
-`num_examples` is the number evaluated; None for a non-finite value) and the
-`train/...` metrics.
+For a workdir: evaluates each kept checkpoint step (multiples of `every`)
+not yet in `<workdir>/learning_curve.json` with `tusk_jax.evaluate.evaluate`
+(no figures; one `Detector`, so the network compiles once), merges the
+training metrics logged at that step (`train/...`, `wall_seconds`), and
+rewrites `learning_curve.json` (rows sorted by step) and `learning_curve.png`
+(one panel per metric). Re-running continues a curve; rows of deleted
+checkpoints stay; a curve made with other settings (split, K, examples) is
+refused, not mixed.
 """
 
 from __future__ import annotations
@@ -176,6 +161,28 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------
 
 
+def _check_settings(config, num_examples: int, rows: dict[int, dict], path: str) -> None:
+    """ValueError if the curve's rows were evaluated with other settings than these."""
+    split = config.dataset.get("eval_split", "test")
+    total = input_pipeline.get_num_examples(config, split)
+    settings = {
+        "dataset": config.dataset.name,
+        "split": split,
+        "num_keypoints": int(config.model.num_keypoints),
+        "num_examples": total if num_examples == -1 else min(total, int(num_examples)),
+    }
+    for step, row in sorted(rows.items()):
+        differing = [
+            f"{k}={row.get(k)!r} (now {v!r})" for k, v in settings.items() if row.get(k) != v
+        ]
+        if differing:
+            raise ValueError(
+                f"{path} was made with other evaluation settings: step {step} has "
+                + ", ".join(differing)
+                + ". Re-run with the same settings, or move the file away to start a new curve."
+            )
+
+
 def update_learning_curve(
     workdir: str,
     *,
@@ -215,24 +222,7 @@ def update_learning_curve(
     path = os.path.join(workdir, CURVE_FILE)
     rows = {int(r["step"]): r for r in read_curve(path)}
 
-    split = config.dataset.get("eval_split", "test")
-    total = input_pipeline.get_num_examples(config, split)
-    settings = {
-        "dataset": config.dataset.name,
-        "split": split,
-        "num_keypoints": int(config.model.num_keypoints),
-        "num_examples": total if num_examples == -1 else min(total, int(num_examples)),
-    }
-    for step, row in sorted(rows.items()):
-        differing = [
-            f"{k}={row.get(k)!r} (now {v!r})" for k, v in settings.items() if row.get(k) != v
-        ]
-        if differing:
-            raise ValueError(
-                f"{path} was made with other evaluation settings: step {step} has "
-                + ", ".join(differing)
-                + ". Re-run with the same settings, or move the file away to start a new curve."
-            )
+    _check_settings(config, num_examples, rows, path)
 
     todo = [s for s in wanted if s not in rows]
     logging.info(

@@ -20,6 +20,7 @@ without communication. Ablations (the paper's Tables 4 and 6):
 `train.prototype_objective='kmeans'` trains them with L_km instead of L_sw.
 """
 
+import dataclasses
 import functools
 import os
 import signal
@@ -54,150 +55,196 @@ from tusk_jax import state as state_lib
 AXIS = state_lib.AXIS
 
 
-def tps_arguments(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Keyword arguments of `ops.make_training_pair` from `config.tps`."""
-    t = config.tps
-    return dict(
-        scale=t.scale,
-        scale_var=t.scale_var,
-        tps=t.tps,
-        off=t.off,
-        rot=t.rot,
-        padding=t.padding,
-        cval=t.cval,
-    )
+TPS_FIELDS = ("scale", "scale_var", "tps", "off", "rot", "padding", "cval")
 
 
-def train_step(
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What one training step needs besides the state, fixed when the step is built.
+
+    Attributes:
+      model: the `models.TUSK` network.
+      loss: the losses' fields and weights.
+      tps: keyword arguments of `ops.make_training_pair` (`config.tps`).
+      joint: the ablation without alternation: the prototypes move in the
+        network step (`train.alternate=False`).
+      prototype_term: the term the prototypes minimise ('sw', or 'kmeans' in
+        the ablation); `prototype_objective` computes it (weighted, unweighted).
+      num_prototype_steps: prototype Adam steps per iteration (alternating).
+      updated_descriptors: the prototype steps fit the updated encoder's
+        descriptors (one more encoder pass) instead of the step's own.
+      num_prototypes: M.
+    """
+
+    model: models.TUSK
+    loss: losses.LossConfig
+    tps: dict[str, Any]
+    joint: bool
+    prototype_term: str
+    prototype_objective: Callable
+    num_prototype_steps: int
+    updated_descriptors: bool
+    num_prototypes: int
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, model: models.TUSK) -> "StepConfig":
+        loss = losses.LossConfig.from_config(config)
+        term, objective = losses.prototype_objective(loss, config.train.prototype_objective)
+        return cls(
+            model=model,
+            loss=loss,
+            tps={name: config.tps[name] for name in TPS_FIELDS},
+            joint=not config.train.alternate,
+            prototype_term=term,
+            prototype_objective=objective,
+            num_prototype_steps=int(config.train.num_prototype_steps),
+            updated_descriptors=config.train.prototype_descriptors == "updated",
+            num_prototypes=int(config.model.num_prototypes),
+        )
+
+
+def network_update(
     state: state_lib.TrainState,
     images: jax.Array,
+    grids: jax.Array,
+    key: jax.Array,
     vgg_params: Any,
-    *,
-    model: models.TUSK,
-    config: ml_collections.ConfigDict,
-) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
-    """One TUSK iteration on one device's share of the batch (run under `pmap`).
+    cfg: StepConfig,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """One Adam step of encoder + decoder on the weighted sum of the network terms.
 
     Args:
-      state: the replicated `state_lib.TrainState`.
-      images: `[b, H, W, 3]` float in [0, 1], this device's images; each
-        becomes one pair.
-      vgg_params: frozen VGG16 parameters for the perceptual loss, or None.
-      model, config: static, bound with `functools.partial`.
+      state: the device's `TrainState`.
+      images: `[2b, H, W, 3]` the pairs (I1 then I2); `grids` their warps.
+      key: the L_sw key of the joint ablation.
+      vgg_params: frozen VGG16 parameters of the perceptual loss, or None.
+      cfg: the step's `StepConfig`; with `cfg.joint` the prototypes get
+        gradients too (and L_sw is a term, unless they minimise L_km).
 
     Returns:
-      `(new_state, metrics)`; metrics are averaged over devices.
+      `(params, opt_state, aux)`: aux holds `total`, `terms`, `out` (the
+      model's outputs), `grads` and `prototype_grads` (device-averaged).
     """
-    local_batch = images.shape[0]
-    step_key = jax.random.fold_in(state.rng, state.step)
-    pair_key, prototype_key = jax.random.split(step_key)
-    # Per-example keys from the *global* example index: the pairs do not
-    # depend on how the global batch is split over devices or processes.
-    first_example = lax.axis_index(AXIS) * local_batch
-    example_keys = jax.vmap(lambda i: jax.random.fold_in(pair_key, first_example + i))(
-        jnp.arange(local_batch)
-    )
-    i1, i2, grids = jax.vmap(functools.partial(ops.make_training_pair, **tps_arguments(config)))(
-        example_keys, images
-    )
-    both = jnp.concatenate([i1, i2], axis=0)
-    weights = config.loss
-    joint = not config.train.alternate
-    kmeans_prototypes = config_lib.prototype_objective(config) == "kmeans"
-
-    def prototype_objective(key, descriptors, prototypes):
-        """What the prototypes minimise: weighted L_sw, or L_km in the k-means ablation."""
-        if kmeans_prototypes:
-            return weights.kmeans_weight * losses.cluster_loss(config, descriptors, prototypes)
-        return weights.sw_weight * losses.prototype_loss(config, key, descriptors, prototypes)
 
     def loss_fn(params, prototypes):
-        if not joint:
+        if not cfg.joint:
             prototypes = lax.stop_gradient(prototypes)
-        out = model.apply(params, both)
-        terms = {
-            "recon": losses.reconstruction_loss(config, both, out["reconstruction"], vgg_params),
-            "kmeans": losses.cluster_loss(config, out["descriptors"], prototypes),
-        }
-        terms["eqv_score"], terms["eqv_feature"] = losses.equivariance_losses(
-            config,
-            out["score_map"][:local_batch],
-            out["feature_map"][:local_batch],
-            out["score_map"][local_batch:],
-            out["feature_map"][local_batch:],
-            grids,
-        )
-        total = (
-            weights.recon_weight * terms["recon"]
-            + weights.kmeans_weight * terms["kmeans"]
-            + weights.eqv_score_weight * terms["eqv_score"]
-            + weights.eqv_feature_weight * terms["eqv_feature"]
-        )
-        if joint and not kmeans_prototypes:
-            # (With k-means prototypes, the L_km term above already trains them.)
+        out = cfg.model.apply(params, images)
+        terms = losses.network_terms(cfg.loss, images, grids, out, prototypes, vgg_params)
+        if cfg.joint and cfg.prototype_term == "sw":
+            # (With k-means prototypes, the L_km term already trains them.)
             descriptors = _gather_descriptors(out["descriptors"])
-            terms["sw"] = losses.prototype_loss(config, prototype_key, descriptors, prototypes)
-            total = total + weights.sw_weight * terms["sw"]
-        return total, (terms, out)
+            terms["sw"] = losses.prototype_loss(cfg.loss, key, descriptors, prototypes)
+        return losses.weighted_total(terms, cfg.loss.weights), (terms, out)
 
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
     (total, (terms, out)), (grads, prototype_grads) = grad_fn(state.params, state.prototypes)
     grads = lax.pmean(grads, AXIS)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    aux = {"total": total, "terms": terms, "out": out, "grads": grads}
+    aux["prototype_grads"] = lax.pmean(prototype_grads, AXIS) if cfg.joint else None
+    return params, opt_state, aux
 
-    if config.train.prototype_descriptors == "updated":
-        # The reference fits the prototypes to the descriptors of the updated
-        # encoder (one more forward pass; fixed during the prototype steps).
-        fitted = model.apply(params, both, method=models.TUSK.keypoints)["descriptors"]
+
+def prototype_update(
+    prototypes: jax.Array,
+    opt_state: Any,
+    descriptors: jax.Array,
+    key: jax.Array,
+    tx: optax.GradientTransformation,
+    cfg: StepConfig,
+) -> tuple[jax.Array, Any, tuple[jax.Array, jax.Array, jax.Array]]:
+    """`cfg.num_prototype_steps` Adam steps of the prototypes on their objective (`lax.scan`).
+
+    Args:
+      prototypes: `[M, C]`; `opt_state` their Adam state.
+      descriptors: `[N, C]` the global batch's descriptors (fixed).
+      key: step s uses `fold_in(key, s)`.
+
+    Returns:
+      `(prototypes, opt_state, (weighted losses [S], unweighted terms [S],
+      gradient norms [S]))`.
+    """
+
+    def one_step(carry, index):
+        prototypes, opt_state = carry
+        (loss, term), grad = jax.value_and_grad(
+            lambda p: cfg.prototype_objective(jax.random.fold_in(key, index), descriptors, p),
+            has_aux=True,
+        )(prototypes)
+        updates, opt_state = tx.update(grad, opt_state, prototypes)
+        new = (optax.apply_updates(prototypes, updates), opt_state)
+        return new, (loss, term, optax.tree.norm(grad))
+
+    (prototypes, opt_state), history = lax.scan(
+        one_step, (prototypes, opt_state), jnp.arange(cfg.num_prototype_steps)
+    )
+    return prototypes, opt_state, history
+
+
+def train_step(
+    state: state_lib.TrainState, images: jax.Array, vgg_params: Any, *, cfg: StepConfig
+) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+    """One TUSK iteration on one device's share of the batch (run under `pmap`).
+
+    Makes a TPS pair of each image, runs `network_update`, then moves the
+    prototypes: with the step's gradients (joint ablation) or by
+    `prototype_update` on the gathered descriptors. Every device computes the
+    same prototype update from the same descriptors and key.
+
+    Args:
+      state: the replicated `TrainState`.
+      images: `[b, H, W, 3]` float in [0, 1], this device's images.
+      vgg_params: frozen VGG16 parameters for the perceptual loss, or None.
+      cfg: static, bound with `functools.partial`.
+
+    Returns:
+      `(new_state, metrics)`; metrics are averaged over devices.
+    """
+    local_batch = images.shape[0]
+    pair_key, prototype_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    # Per-example keys from the *global* example index: the pairs do not
+    # depend on how the global batch is split over devices or processes.
+    first_example = lax.axis_index(AXIS) * local_batch
+    example_keys = jax.vmap(lambda i: jax.random.fold_in(pair_key, first_example + i))(
+        jnp.arange(local_batch)
+    )
+    make_pair = functools.partial(ops.make_training_pair, **cfg.tps)
+    i1, i2, grids = jax.vmap(make_pair)(example_keys, images)
+    both = jnp.concatenate([i1, i2], axis=0)
+    params, opt_state, aux = network_update(state, both, grids, prototype_key, vgg_params, cfg)
+    terms, out = aux["terms"], aux["out"]
+    if cfg.updated_descriptors:
+        fitted = cfg.model.apply(params, both, method=models.TUSK.keypoints)["descriptors"]
     else:
         fitted = out["descriptors"]  # From before the update: no extra pass.
     descriptors = _gather_descriptors(lax.stop_gradient(fitted))
     prototypes, prototype_opt_state = state.prototypes, state.prototype_opt_state
     metrics = {}
-    if joint:
-        prototype_grads = lax.pmean(prototype_grads, AXIS)
+    if cfg.joint:
         prototype_updates, prototype_opt_state = state.prototype_tx.update(
-            prototype_grads, prototype_opt_state, prototypes
+            aux["prototype_grads"], prototype_opt_state, prototypes
         )
         prototypes = optax.apply_updates(prototypes, prototype_updates)
-        metrics["prototype_grad_norm"] = optax.tree.norm(prototype_grads)
-    elif config.train.num_prototype_steps > 0:
-
-        def prototype_step(carry, index):
-            prototypes, opt_state = carry
-            loss, grad = jax.value_and_grad(
-                lambda p: prototype_objective(
-                    jax.random.fold_in(prototype_key, index), descriptors, p
-                )
-            )(prototypes)
-            updates, opt_state = state.prototype_tx.update(grad, opt_state, prototypes)
-            return (optax.apply_updates(prototypes, updates), opt_state), (
-                loss,
-                optax.tree.norm(grad),
-            )
-
-        (prototypes, prototype_opt_state), (sw_losses, sw_grad_norms) = lax.scan(
-            prototype_step,
-            (prototypes, prototype_opt_state),
-            jnp.arange(config.train.num_prototype_steps),
+        metrics["prototype_grad_norm"] = optax.tree.norm(aux["prototype_grads"])
+    elif cfg.num_prototype_steps > 0:
+        prototypes, prototype_opt_state, (weighted, unweighted, grad_norms) = prototype_update(
+            prototypes, prototype_opt_state, descriptors, prototype_key, state.prototype_tx, cfg
         )
-        if not kmeans_prototypes:
-            terms["sw"] = sw_losses[0] / weights.sw_weight if weights.sw_weight else sw_losses[0]
-        metrics["prototype_loss_first"] = sw_losses[0]
-        metrics["prototype_loss_last"] = sw_losses[-1]
-        metrics["prototype_grad_norm"] = sw_grad_norms[0]
-
+        if cfg.prototype_term == "sw":
+            terms["sw"] = unweighted[0]
+        metrics["prototype_loss_first"] = weighted[0]
+        metrics["prototype_loss_last"] = weighted[-1]
+        metrics["prototype_grad_norm"] = grad_norms[0]
     nearest = ops.nearest_prototype(descriptors, prototypes)
     metrics.update({f"loss/{name}": value for name, value in terms.items()})
-    metrics["loss/total"] = total
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["loss/total"] = aux["total"]
+    metrics["grad_norm"] = optax.tree.norm(aux["grads"])
     metrics["confidence"] = jnp.mean(out["confidence"])
     metrics = lax.pmean(metrics, AXIS)
     # Identical on every device (computed from the gathered descriptors).
-    metrics["prototypes_in_use"] = jnp.sum(
-        jnp.bincount(nearest, length=config.model.num_prototypes) > 0
-    )
+    metrics["prototypes_in_use"] = jnp.sum(jnp.bincount(nearest, length=cfg.num_prototypes) > 0)
     new_state = state.replace(
         step=state.step + 1,
         params=params,
@@ -215,9 +262,9 @@ def _gather_descriptors(descriptors: jax.Array) -> jax.Array:
 
 
 def make_p_train_step(config: ml_collections.ConfigDict, model: models.TUSK) -> Callable:
-    """`train_step` with its static arguments bound, `pmap`ped over local devices."""
+    """`train_step` with its `StepConfig` bound, `pmap`ped over local devices."""
     return jax.pmap(
-        functools.partial(train_step, model=model, config=config),
+        functools.partial(train_step, cfg=StepConfig.from_config(config, model)),
         axis_name=AXIS,
         donate_argnums=(0,),
     )
@@ -280,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
         os.makedirs(workdir, exist_ok=True)
         config_lib.save_config(config, workdir)
 
-    model = models.TUSK(config.model)
+    model = models.create_model(config)
     state = state_lib.create_train_state(config, model)
     manager = checkpointing.create_manager(workdir, config.train.max_to_keep)
     train_iter = input_pipeline.create_train_iterator(config)

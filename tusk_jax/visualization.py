@@ -277,6 +277,29 @@ def figure_to_array(figure: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def _checked_tsne_inputs(descriptors, prototypes, labels):
+    """`tsne_figure`'s inputs as float64 / int arrays; ValueError on bad shapes."""
+    descriptors = np.asarray(descriptors, dtype=np.float64)
+    prototypes = np.asarray(prototypes, dtype=np.float64)
+    if descriptors.ndim != 2 or prototypes.ndim != 2:
+        raise ValueError(
+            f"descriptors and prototypes must be [N, C] and [M, C], got {descriptors.shape} "
+            f"and {prototypes.shape}."
+        )
+    if descriptors.shape[1] != prototypes.shape[1]:
+        raise ValueError(
+            f"descriptors and prototypes differ in C: {descriptors.shape} vs {prototypes.shape}."
+        )
+    n = descriptors.shape[0]
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be int with shape ({n},), got {labels.shape}.")
+        if n and labels.min() < 0:
+            raise ValueError("labels must be non-negative.")
+    return descriptors, prototypes, labels
+
+
 def tsne_figure(
     descriptors: ArrayLike,
     prototypes: ArrayLike,
@@ -310,24 +333,8 @@ def tsne_figure(
     Returns:
       `[H, W, 3]` uint8.
     """
-    descriptors = np.asarray(descriptors, dtype=np.float64)
-    prototypes = np.asarray(prototypes, dtype=np.float64)
-    if descriptors.ndim != 2 or prototypes.ndim != 2:
-        raise ValueError(
-            f"descriptors and prototypes must be [N, C] and [M, C], got {descriptors.shape} "
-            f"and {prototypes.shape}."
-        )
-    if descriptors.shape[1] != prototypes.shape[1]:
-        raise ValueError(
-            f"descriptors and prototypes differ in C: {descriptors.shape} vs {prototypes.shape}."
-        )
+    descriptors, prototypes, labels = _checked_tsne_inputs(descriptors, prototypes, labels)
     n = descriptors.shape[0]
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"labels must be int with shape ({n},), got {labels.shape}.")
-        if n and labels.min() < 0:
-            raise ValueError("labels must be non-negative.")
     points = np.concatenate([descriptors, prototypes])
     if points.shape[0] < 2:
         raise ValueError("tsne_figure needs at least two points in all.")

@@ -53,38 +53,24 @@ def evaluate_landmark_regression(
 ) -> LandmarkRegressionResult:
     """The landmark regression protocol (SPEC section 6, seeds 003 and 004).
 
-    1. Inputs: `landmark_features` (M x K x 2, flattened to D = M*K*2).
-    2. H36M: if `*_back_facing` is given, left/right ground-truth labels are
-       swapped on those images (train and test) with `left_right_pairs`.
-    3. Forward: W_f fitted on train (`[N, D]` -> `[N, T*2]`, no bias, closed
-       form, optional ridge); error per test image = mean over the T landmarks
-       of distance / normaliser.
-    4. Backward (Sanchez & Tzimiropoulos, seed 003): W_b fitted on train from
-       the (swapped) landmarks to the features; error per test image = mean over
-       the image's K keypoints of the distance between the keypoint and its
-       slot's regressed position, / the same normaliser. (Empty slots are not
-       scored: they hold no keypoint.)
-    5. CED curves of both per-image errors, and NMI between each test
-       keypoint's prototype and the id of its nearest (swapped) landmark.
+    Inputs are `landmark_features` (D = M*K*2); H36M swaps left/right labels
+    of back-facing images first. Forward: W_f (no bias, closed form) from
+    features to landmarks, error = mean over the T landmarks of distance /
+    normaliser. Backward (seed 003): W_b from landmarks to features, error =
+    mean over the image's filled keypoint slots. Also CED curves of both and
+    the NMI of prototype ids vs nearest landmark ids.
 
     Args:
       train_keypoints, test_keypoints: `[N, K, 2]` (x, y) pixels.
       train_prototype_ids, test_prototype_ids: `[N, K]` int in [0, M).
       train_landmarks, test_landmarks: `[N, T, 2]` (x, y) pixels.
       num_prototypes: M.
-      normalizer: "inter_ocular" (distance between `eye_indices` of each test
-        image's landmarks; CelebA/MAFL) or a positive number (pixels, e.g. the
-        image size for H36M).
-      eye_indices: the two eye landmarks for "inter_ocular".
+      normalizer: "inter_ocular" (between the `eye_indices` landmarks of each
+        test image; CelebA) or a positive number of pixels (H36M: image size).
       train_back_facing, test_back_facing: optional `[N]` bool (H36M).
-      left_right_pairs: pairs to swap; None: `H36M_32_LEFT_RIGHT_PAIRS` when
-        T == 32, else a `ValueError` if a back_facing array is given.
+      left_right_pairs: pairs to swap (None: the H36M skeleton's, T = 32).
       ridge: L2 weight of both fits (0: least squares).
-      ced_thresholds: `[G]` CED threshold grid.
-      chunk_size: images per chunk when building features (bounds memory).
-
-    Returns:
-      `LandmarkRegressionResult`.
+      ced_thresholds, chunk_size: `[G]` CED thresholds; images per feature chunk.
     """
     train_landmarks = base.as_float_array("train_landmarks", train_landmarks, 3, 2)
     test_landmarks = base.as_float_array("test_landmarks", test_landmarks, 3, 2)
@@ -93,22 +79,9 @@ def evaluate_landmark_regression(
         raise ValueError(
             f"train_landmarks and test_landmarks differ in T: {t} vs {test_landmarks.shape[1]}."
         )
-    if train_back_facing is not None or test_back_facing is not None:
-        if left_right_pairs is None:
-            if t != 32:
-                raise ValueError(
-                    f"left_right_pairs must be given for T={t} landmarks (the default "
-                    "H36M_32_LEFT_RIGHT_PAIRS needs T=32)."
-                )
-            left_right_pairs = landmark_regression.H36M_32_LEFT_RIGHT_PAIRS
-        if train_back_facing is not None:
-            train_landmarks = landmark_regression.swap_left_right(
-                train_landmarks, train_back_facing, left_right_pairs
-            )
-        if test_back_facing is not None:
-            test_landmarks = landmark_regression.swap_left_right(
-                test_landmarks, test_back_facing, left_right_pairs
-            )
+    train_landmarks, test_landmarks = _swap_back_facing(
+        train_landmarks, test_landmarks, train_back_facing, test_back_facing, left_right_pairs
+    )
     norm = _normalizers(normalizer, test_landmarks, eye_indices)
     w_forward, w_backward = _fit_both_directions(
         train_keypoints, train_prototype_ids, train_landmarks, num_prototypes, ridge, chunk_size
@@ -139,6 +112,30 @@ def evaluate_landmark_regression(
         forward_weights=w_forward,
         backward_weights=w_backward,
     )
+
+
+def _swap_back_facing(
+    train_landmarks, test_landmarks, train_back_facing, test_back_facing, left_right_pairs
+):
+    """H36M: left and right labels exchanged on back-facing images (train and test)."""
+    t = train_landmarks.shape[1]
+    if train_back_facing is not None or test_back_facing is not None:
+        if left_right_pairs is None:
+            if t != 32:
+                raise ValueError(
+                    f"left_right_pairs must be given for T={t} landmarks (the default "
+                    "H36M_32_LEFT_RIGHT_PAIRS needs T=32)."
+                )
+            left_right_pairs = landmark_regression.H36M_32_LEFT_RIGHT_PAIRS
+        if train_back_facing is not None:
+            train_landmarks = landmark_regression.swap_left_right(
+                train_landmarks, train_back_facing, left_right_pairs
+            )
+        if test_back_facing is not None:
+            test_landmarks = landmark_regression.swap_left_right(
+                test_landmarks, test_back_facing, left_right_pairs
+            )
+    return train_landmarks, test_landmarks
 
 
 def _normalizers(
