@@ -42,9 +42,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 from numpy.typing import ArrayLike
 
 from tusk_jax import checkpointing, config_lib, models, ops
@@ -127,63 +125,8 @@ def resolve_config(
     return ml_collections.ConfigDict(config.to_dict())
 
 
-def _path_name(path) -> str:
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
-
-
-def _leaf_specs(tree) -> dict[str, tuple[tuple[int, ...], str]]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {
-        _path_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name) for path, leaf in leaves
-    }
-
-
-def check_checkpoint_matches(manager, step: int, template: Any, workdir: str) -> None:
-    """Raises ValueError if the saved state's arrays differ from `template`'s.
-
-    Orbax restores a numpy template's arrays with the *checkpoint's* shapes
-    without complaint, and fails with an unrelated message on a different tree
-    structure, so the stored metadata is compared first.
-
-    Args:
-      manager: the run's orbax `CheckpointManager`.
-      step: the step to check.
-      template: a host `TrainState` of the expected structure, shapes, dtypes.
-      workdir: named in the message.
-    """
-    item = epath.Path(manager.directory) / str(step) / "state"
-    if item.exists():
-        metadata = ocp.StandardCheckpointHandler().metadata(item)
-    else:  # A step folder named otherwise: ask the manager.
-        metadata = manager.item_metadata(step)["state"]
-    stored = _leaf_specs(getattr(metadata, "tree", metadata))
-    expected = _leaf_specs(template)
-    problems = []
-    # Network parameters first: they name the layer that differs.
-    for name in sorted(set(stored) | set(expected), key=lambda n: (not n.startswith("params"), n)):
-        if name not in stored:
-            problems.append(f"{name}: missing from the checkpoint")
-        elif name not in expected:
-            problems.append(f"{name}: in the checkpoint but not in the model")
-        elif stored[name][0] != expected[name][0]:
-            problems.append(
-                f"{name}: shape {stored[name][0]} in the checkpoint vs {expected[name][0]} "
-                "from the config"
-            )
-    if problems:
-        shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
-        raise ValueError(
-            f"The checkpoint of step {step} in {workdir!r} does not fit the model built "
-            f"from the config (checkpoint from another config?):\n  " + "\n  ".join(shown)
-        )
+# Moved to checkpointing (training checks its checkpoints the same way); kept for callers.
+check_checkpoint_matches = checkpointing.check_state_matches
 
 
 def state_template(config: ml_collections.ConfigDict):
