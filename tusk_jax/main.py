@@ -10,8 +10,17 @@ runs as one process on all local devices, or as one of N processes (see
 or with no extra flag inside a multi-task SLURM step / Open MPI job, or with
 `--distributed=cluster` on every Cloud TPU VM worker (JAX reads the cluster
 from the environment). `tusk_jax.distributed` owns that start-up.
+
+Errors a user can fix (a config field, a refused config change, a folder that
+cannot be written, no intact checkpoint, a NaN) end the process with one line
+`tusk_jax.main: ...` and exit status 1, not a traceback. The console shows the
+progress bar and tusk_jax's messages; the INFO lines of the libraries (orbax,
+JAX, ...) appear with `--verbosity=1`.
 """
 
+import errno
+import logging as python_logging
+import os
 import sys
 
 import jax
@@ -42,12 +51,60 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Resume a run with config values that change what it trains (window, K, image size, "
+    "losses, data, ...); the changes are recorded in <workdir>/config_changes.jsonl. "
+    "Changes of array shapes are refused regardless.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class _ProjectInfoOnly(python_logging.Filter):
+    """Lets through warnings and errors of everyone, and INFO lines of tusk_jax only."""
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        return record.levelno >= python_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+
+
+def quiet_library_logs() -> None:
+    """Hides the INFO lines of orbax, JAX and other libraries (shown with --verbosity=1)."""
+    if FLAGS.verbosity < 1:
+        logging.get_absl_handler().addFilter(_ProjectInfoOnly())
+
+
+def _unknown_field(error: Exception, argv: list[str]) -> str:
+    """A one-line message for an override of a config field that does not exist."""
+    name = str(error).strip("\"'")
+    for arg in argv:
+        if arg.startswith("--config.") and name in arg.split("=")[0].split("."):
+            field = arg.split("=")[0][len("--config.") :]
+            return (
+                f"unknown config field {field} (in {arg}); the fields are documented in "
+                "configs/base.py."
+            )
+    return f"unknown config field {name!r}; the fields are documented in configs/base.py."
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with one-line errors (an unknown config field included)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(f"tusk_jax.main: {error}\nPass --helpshort or --helpfull to see help on flags.")
+    except (AttributeError, KeyError) as error:  # ml_collections: no such field
+        sys.exit(f"tusk_jax.main: {_unknown_field(error, argv)}")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS.workdir.strip():
+        sys.exit("tusk_jax.main: --workdir is empty: name the run's folder (created if needed).")
+    quiet_library_logs()
     try:
         distributed.initialize(
             FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
@@ -62,10 +119,27 @@ def main(argv):
     logging.info("Config:\n%s", FLAGS.config)
     # Imported after the runtime started: importing the ops creates JAX arrays,
     # which starts a single-process backend that jax.distributed cannot join.
-    from tusk_jax import train
+    from tusk_jax import checkpointing, config_lib, train
 
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
+    except (
+        config_lib.ConfigError,
+        checkpointing.CheckpointError,
+        checkpointing.CheckpointMismatchError,
+        train.NonFiniteError,
+    ) as error:
+        sys.exit(f"tusk_jax.main: {error}")
+    except OSError as error:
+        if error.errno not in checkpointing.WRITE_ERRNOS:
+            raise
+        sys.exit(
+            f"tusk_jax.main: cannot write {error.filename or FLAGS.workdir}: {error.strerror} "
+            f"({errno.errorcode.get(error.errno, error.errno)})."
+        )
+    except KeyboardInterrupt:
+        sys.exit("tusk_jax.main: interrupted by a second Ctrl-C; the checkpoints saved are kept.")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
