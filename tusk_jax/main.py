@@ -22,6 +22,7 @@ import errno
 import logging as python_logging
 import os
 import sys
+import threading
 
 import jax
 from absl import app, flags, logging
@@ -64,16 +65,56 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class _ProjectInfoOnly(python_logging.Filter):
-    """Lets through warnings and errors of everyone, and INFO lines of tusk_jax only."""
+    """Lets through tusk_jax's lines and the warnings of other libraries.
+
+    Orbax's own error reports are left out too: tusk_jax turns a failed save
+    into one `CheckpointWriteError` (they are shown with --verbosity=1).
+    """
 
     def filter(self, record: python_logging.LogRecord) -> bool:
-        return record.levelno >= python_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+        if record.pathname.startswith(_PACKAGE_DIR):
+            return True
+        if f"{os.sep}orbax{os.sep}" in record.pathname:
+            return record.levelno >= python_logging.CRITICAL
+        return record.levelno >= python_logging.WARNING
+
+
+def _is_write_error(error: BaseException | None) -> bool:
+    return isinstance(error, OSError) and error.errno in (
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+    )
 
 
 def quiet_library_logs() -> None:
-    """Hides the INFO lines of orbax, JAX and other libraries (shown with --verbosity=1)."""
-    if FLAGS.verbosity < 1:
-        logging.get_absl_handler().addFilter(_ProjectInfoOnly())
+    """Hides the INFO lines of orbax, JAX and other libraries (shown with --verbosity=1).
+
+    Also keeps the background threads of the writers (TensorBoard, orbax)
+    from printing a traceback each for a full or read-only disk: the main
+    thread reports that once.
+    """
+    if FLAGS.verbosity >= 1:
+        return
+    logging.get_absl_handler().addFilter(_ProjectInfoOnly())
+    thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+
+    def quiet_thread_hook(args):
+        if _is_write_error(args.exc_value):
+            logging.debug("Write error in thread %s: %s", args.thread, args.exc_value)
+        else:
+            thread_hook(args)
+
+    def quiet_unraisable_hook(args):
+        if _is_write_error(args.exc_value):
+            logging.debug("Write error in %s: %s", args.object, args.exc_value)
+        else:
+            unraisable_hook(args)
+
+    threading.excepthook = quiet_thread_hook
+    sys.unraisablehook = quiet_unraisable_hook
 
 
 def _unknown_field(error: Exception, argv: list[str]) -> str:
@@ -94,7 +135,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except flags.Error as error:
-        sys.exit(f"tusk_jax.main: {error}\nPass --helpshort or --helpfull to see help on flags.")
+        sys.exit(f"tusk_jax.main: {error} (--helpshort lists the flags)")
     except (AttributeError, KeyError) as error:  # ml_collections: no such field
         sys.exit(f"tusk_jax.main: {_unknown_field(error, argv)}")
 

@@ -569,10 +569,10 @@ def _train_and_evaluate(config, workdir, allow_config_change, stop) -> TrainStat
                 pending = None
         except NonFiniteError:
             checkpointing.wait(manager)
-            writer.close()
+            _close_quietly(writer)
             raise
-        except checkpointing.CheckpointError:
-            writer.close()
+        except (checkpointing.CheckpointError, OSError):
+            _close_quietly(writer)  # the disk may be full: the first error is the one to report
             raise
         if stopping:
             logging.warning(
@@ -586,6 +586,14 @@ def _train_and_evaluate(config, workdir, allow_config_change, stop) -> TrainStat
     manager.close()
     writer.close()
     return unreplicate(replicated)
+
+
+def _close_quietly(writer) -> None:
+    """Closes the summary writer on an error path, ignoring its own write errors."""
+    try:
+        writer.close()
+    except OSError as error:
+        logging.debug("Closing the summary writer failed: %s", error)
 
 
 def _write_image_summaries(write_images, step: int, replicated, batch) -> None:
