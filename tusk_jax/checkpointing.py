@@ -193,8 +193,9 @@ def save(manager, step: int, state: Any, data_state: dict | None, force: bool = 
     """Saves a host (unreplicated) state and the data position at `step`, with its checksum.
 
     The previous asynchronous save is waited for first, so its errors surface
-    here. The checksum file is written (atomically) before orbax starts; a
-    step that never completes leaves only a stale checksum, removed later.
+    here. The checksum file is written (atomically, by process 0) before orbax
+    starts; a step that never completes leaves only a stale checksum, removed
+    by a later save.
 
     Raises:
       CheckpointWriteError: the folder is full or not writable.
@@ -202,11 +203,12 @@ def save(manager, step: int, state: Any, data_state: dict | None, force: bool = 
     directory = str(manager.directory)
     wait(manager)
     try:
-        _prune_checksums(manager)
-        path = checksum_path(directory, step)
-        with open(path + ".tmp", "w") as f:
-            json.dump({"step": int(step), **state_digest(state, data_state)}, f)
-        os.replace(path + ".tmp", path)
+        if jax.process_index() == 0:  # One writer of the shared folder.
+            _prune_checksums(manager)
+            path = checksum_path(directory, step)
+            with open(path + ".tmp", "w") as f:
+                json.dump({"step": int(step), **state_digest(state, data_state)}, f)
+            os.replace(path + ".tmp", path)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})
         )
