@@ -51,3 +51,13 @@ def trained_tetrominoes(tmp_path_factory, worker_id):
             shutil.rmtree(workdir, ignore_errors=True)
             train.train_and_evaluate(config, str(workdir))
     return config, str(workdir)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `faults_slow` run only when selected: `pytest -m faults_slow`."""
+    if "faults_slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="long fault injection: run with -m faults_slow")
+    for item in items:
+        if "faults_slow" in item.keywords:
+            item.add_marker(skip)

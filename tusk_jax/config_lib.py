@@ -4,11 +4,16 @@
 silently train the wrong thing), with a message naming the field.
 `save_config` / `load_config` keep the resolved config of a run in
 `<workdir>/config.json`, so evaluation and inference rebuild the very model
-that was trained.
+that was trained. `check_resume_config` compares the config of a resumed run
+with that file before anything is written (`RESUME_CHANGES` classifies every
+field), and `record_config_changes` keeps the accepted changes in
+`<workdir>/config_changes.jsonl`.
 """
 
 import json
+import math
 import os
+import time
 
 import jax
 import ml_collections
@@ -42,8 +47,45 @@ LEGACY_VALUES = {
 }
 
 
+CHANGES_FILE = "config_changes.jsonl"
+
+# What changing a field does to a run resumed from its checkpoints (the
+# config given vs. the run's config.json). Every field not listed here is
+# MEANING. SHAPE: the checkpoint cannot hold another value (array shapes or the
+# optimizer state's structure depend on it): always refused. MEANING: the run
+# would go on training something else than it started (window, K, image size,
+# losses and weights, data, TPS, learning rates, fidelity options): refused
+# unless `allow_change` (`--allow_config_change`), then recorded in
+# `config_changes.jsonl`. HARMLESS: how long, how often to log/save, where
+# the files are: accepted (and recorded).
+SHAPE, MEANING, HARMLESS = "shape", "meaning", "harmless"
+RESUME_CHANGES = {
+    "model.base_width": SHAPE,
+    "model.depth": SHAPE,
+    "model.feature_dim": SHAPE,
+    "model.num_prototypes": SHAPE,
+    "model.decoder_mode": SHAPE,  # alpha: RGBA decoder output, plain: RGB.
+    "train.lr_schedule": SHAPE,  # A schedule adds a step count to the optimizer state.
+    "train.num_steps": HARMLESS,
+    "train.log_every": HARMLESS,
+    "train.image_every": HARMLESS,
+    "train.checkpoint_every": HARMLESS,
+    "train.max_to_keep": HARMLESS,
+    "dataset.data_dir": HARMLESS,
+    "dataset.manual_dir": HARMLESS,
+    "dataset.eval_split": HARMLESS,
+    "dataset.num_eval_examples": HARMLESS,
+    "loss.vgg16_weights": HARMLESS,  # The path; the weights are fixed ImageNet ones.
+    "variant": HARMLESS,  # A label; the fields it sets are compared one by one.
+}
+
+
+class ConfigError(ValueError):
+    """A config value is invalid, or does not fit the run being resumed; names the field."""
+
+
 def _fail(field: str, message: str) -> None:
-    raise ValueError(f"config {field}: {message}")
+    raise ConfigError(f"config {field}: {message}")
 
 
 def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
@@ -60,10 +102,28 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
         )
     if config.dataset.source not in ("auto", "real", "procedural"):
         _fail("dataset.source", f"must be auto, real or procedural, got {config.dataset.source!r}.")
-    models.check_model_config(config.model)
-    models.check_image_size(
-        config.dataset.image_size, config.dataset.image_size, config.model.depth
-    )
+    try:
+        models.check_model_config(config.model)
+        models.check_image_size(
+            config.dataset.image_size, config.dataset.image_size, config.model.depth
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    size = config.dataset.image_size
+    if config.model.num_keypoints > size * size:
+        _fail(
+            "model.num_keypoints",
+            f"K = {config.model.num_keypoints} exceeds the {size * size} pixels of a "
+            f"{size}x{size} image (dataset.image_size).",
+        )
+    if not isinstance(config.dataset.num_train, int) or config.dataset.num_train < 1:
+        _fail("dataset.num_train", f"must be a positive int, got {config.dataset.num_train!r}.")
+    if config.dataset.num_train < config.train.batch_size:
+        _fail(
+            "dataset.num_train",
+            f"{config.dataset.num_train} training examples are fewer than one batch "
+            f"(train.batch_size={config.train.batch_size}).",
+        )
     if not isinstance(config.model.num_prototypes, int) or config.model.num_prototypes < 1:
         _fail(
             "model.num_prototypes", f"must be a positive int, got {config.model.num_prototypes!r}."
@@ -92,6 +152,22 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
             _fail(f"loss.{field}", f"must be >= 0, got {config.loss[field]!r}.")
     if config.loss.sw_num_projections < 1:
         _fail("loss.sw_num_projections", "must be >= 1.")
+    if not config.loss.kmeans_temperature > 0:
+        _fail("loss.kmeans_temperature", f"must be > 0, got {config.loss.kmeans_temperature!r}.")
+    if not config.loss.sw_noise_std >= 0:
+        _fail("loss.sw_noise_std", f"must be >= 0, got {config.loss.sw_noise_std!r}.")
+    tps = config.tps
+    if not tps.scale > 0:
+        _fail("tps.scale", f"must be > 0 (a warp scale), got {tps.scale!r}.")
+    for field in ("scale_var", "tps", "off", "rot"):
+        if not tps[field] >= 0:
+            _fail(f"tps.{field}", f"must be >= 0 (a half-range), got {tps[field]!r}.")
+    if not tps.scale - tps.scale_var > 0:
+        _fail(
+            "tps.scale_var",
+            f"tps.scale - tps.scale_var must be > 0 (the smallest scale), got "
+            f"{tps.scale} - {tps.scale_var}.",
+        )
     if config.tps.padding not in ("reflect", "constant"):
         _fail("tps.padding", f"must be 'reflect' or 'constant', got {config.tps.padding!r}.")
     train = config.train
@@ -192,3 +268,90 @@ def fill_legacy_values(config: ml_collections.ConfigDict) -> None:
         section, field = dotted.split(".")
         if field not in config[section]:
             config[section][field] = value
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(_flat(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def config_changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list:
+    """The fields on which `config` differs from a run's `saved` config.
+
+    Returns:
+      `(field, saved value, new value, kind)` tuples sorted by field, kind
+      from `RESUME_CHANGES` (MEANING when not listed); "<missing>" for a field
+      one side lacks. Both configs are compared as their JSON would store them.
+    """
+    old = _flat(json.loads(saved.to_json_best_effort()))
+    new = _flat(json.loads(config.to_json_best_effort()))
+    missing = "<missing>"
+    changes = []
+    for field in sorted(set(old) | set(new)):
+        a, b = old.get(field, missing), new.get(field, missing)
+        if not _same(a, b):
+            changes.append((field, a, b, RESUME_CHANGES.get(field, MEANING)))
+    return changes
+
+
+def _describe(changes: list) -> str:
+    return ", ".join(f"{field} {old!r} -> {new!r}" for field, old, new, _ in changes)
+
+
+def check_resume_config(
+    config: ml_collections.ConfigDict, workdir: str, allow_change: bool = False
+) -> list:
+    """Compares the config of a resumed run with its `config.json`; writes nothing.
+
+    Called when `workdir` holds checkpoints. A SHAPE change is always refused;
+    a MEANING change is refused unless `allow_change`; HARMLESS ones pass.
+
+    Returns:
+      The changes (see `config_changes`); empty for a new run or the same config.
+
+    Raises:
+      ConfigError: one line naming each refused field with both values.
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return []
+    changes = config_changes(load_config(workdir), config)
+    shape = [c for c in changes if c[3] == SHAPE]
+    if shape:
+        raise ConfigError(
+            f"cannot resume {workdir} with this config: {_describe(shape)} (its checkpoints "
+            f"cannot hold another value); keep the values of {path} or use another --workdir."
+        )
+    meaning = [c for c in changes if c[3] == MEANING]
+    if meaning and not allow_change:
+        raise ConfigError(
+            f"the run in {workdir} was trained with another config: {_describe(meaning)}; "
+            "resuming would train something else. Pass --allow_config_change to go on with "
+            f"the new values (recorded in {CHANGES_FILE}) or use another --workdir."
+        )
+    return changes
+
+
+def record_config_changes(workdir: str, step: int, changes: list) -> None:
+    """Appends one JSON line `{"step", "time", "changes": {field: {old, new, kind}}}`."""
+    if not changes:
+        return
+    record = {
+        "step": int(step),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "changes": {f: {"old": a, "new": b, "kind": kind} for f, a, b, kind in changes},
+    }
+    with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
+        f.write(json.dumps(record) + "\n")

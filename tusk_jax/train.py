@@ -35,6 +35,7 @@ import numpy as np
 import optax
 from absl import logging
 from jax import lax
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from tusk_jax import (
@@ -287,6 +288,18 @@ def check_finite(step: int, metrics: dict[str, float]) -> None:
             )
 
 
+def check_finite_arrays(step: int, tree: Any) -> None:
+    """Raises `NonFiniteError` naming the first NaN/Inf array of `tree` after `step`."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    for path, leaf in leaves:
+        if not np.all(np.isfinite(leaf)):
+            raise NonFiniteError(
+                f"Non-finite value after step {step}: {jax.tree_util.keystr(path)} holds NaN "
+                "or Inf. Lower the learning rates or check the input data; the last good "
+                "checkpoint is kept in the workdir."
+            )
+
+
 class _StopRequest:
     """Turns SIGTERM / SIGINT into a flag the loop checks (preemption)."""
 
@@ -304,6 +317,8 @@ class _StopRequest:
 
     def _handle(self, signum, frame):
         del frame
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # A second Ctrl-C: stop now, without a checkpoint.
         self.signal_name = signal.Signals(signum).name
 
     def __exit__(self, *exc):
@@ -312,32 +327,81 @@ class _StopRequest:
         return False
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False
+) -> state_lib.TrainState:
     """Trains (or resumes) a TUSK model in `workdir`; returns the final host state.
 
-    Restores the latest checkpoint and the input position when `workdir` has
-    one; writes metrics (`metrics.jsonl`, TensorBoard), image summaries and
-    checkpoints; stops cleanly with a checkpoint on SIGTERM / SIGINT; raises
+    Restores the newest intact checkpoint and the input position when
+    `workdir` has one (corrupt newer steps are reported and set aside, see
+    `checkpointing.restore_newest_intact`); writes metrics (`metrics.jsonl`,
+    TensorBoard), image summaries and checkpoints; stops cleanly with a
+    checkpoint on SIGTERM / SIGINT (also during start-up); raises
     `NonFiniteError` naming the step and the term when a loss goes NaN/Inf.
+
+    Resuming with another config: `config_lib.check_resume_config` compares
+    it with the run's `config.json` before anything is written; changes of
+    meaning need `allow_config_change` and are recorded in
+    `config_changes.jsonl`.
+
+    Raises:
+      config_lib.ConfigError: an invalid config, or a refused config change.
+      checkpointing.CheckpointError: the workdir is not writable, a save
+        failed (disk full, read-only), or no checkpoint is intact.
     """
+    with _StopRequest() as stop:
+        return _train_and_evaluate(config, workdir, allow_config_change, stop)
+
+
+def _prepare_workdir(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
+) -> list:
+    """Checks the config against a run to resume, then that the folders are writable."""
+    if not workdir or not str(workdir).strip():
+        raise config_lib.ConfigError("--workdir is empty: name the run's folder.")
+    changes = []
+    if checkpointing.saved_steps(workdir):
+        changes = config_lib.check_resume_config(config, workdir, allow_config_change)
+    if jax.process_index() == 0:
+        checkpointing.check_writable(workdir, checkpointing.checkpoint_dir(workdir))
+    return changes
+
+
+def _train_and_evaluate(config, workdir, allow_config_change, stop) -> state_lib.TrainState:
     config_lib.validate_config(config)
+    changes = _prepare_workdir(config, workdir, allow_config_change)
     workdir = os.path.abspath(workdir)
     is_primary = jax.process_index() == 0
-    if is_primary:
-        os.makedirs(workdir, exist_ok=True)
-        config_lib.save_config(config, workdir)
 
     model = models.create_model(config)
     state = state_lib.create_train_state(config, model)
     manager = checkpointing.create_manager(workdir, config.train.max_to_keep)
     train_iter = input_pipeline.create_train_iterator(config)
-    restored = checkpointing.restore(manager, jax.device_get(state))
+    restored, corrupt = checkpointing.restore_newest_intact(manager, jax.device_get(state), workdir)
+    if corrupt:
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("tusk_jax: corrupt checkpoints read")
+        checkpointing.set_aside(manager, workdir, corrupt, move=is_primary)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("tusk_jax: corrupt checkpoints moved")
+            manager.reload()
     if restored is not None:
         host_state, data_state, restored_step = restored
         state = state.replace(**{f: getattr(host_state, f) for f in _PYTREE_FIELDS})
         train_iter.set_state(data_state)
         logging.info("Resumed from the checkpoint of step %d in %s.", restored_step, workdir)
     start_step = int(state.step)
+    if is_primary:
+        # Written only now: a refused config or an unreadable run leaves the old one.
+        config_lib.save_config(config, workdir)
+        if restored is not None and changes:
+            config_lib.record_config_changes(workdir, start_step, changes)
+            logging.warning(
+                "Resuming at step %d with a changed config (recorded in %s): %s",
+                start_step,
+                config_lib.CHANGES_FILE,
+                ", ".join(f"{f} {a!r} -> {b!r}" for f, a, b, _ in changes),
+            )
 
     vgg_params = None
     if config.loss.recon == "perceptual":
@@ -374,20 +438,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
         host_state = state_lib.unreplicate(replicated)
         checkpointing.save(manager, step, host_state, train_iter.get_state(), force=force)
 
-    with (
-        _StopRequest() as stop,
-        tqdm(
-            total=num_steps,
-            initial=start_step,
-            desc="train",
-            disable=not is_primary,
-            dynamic_ncols=True,
-            mininterval=2.0,
-        ) as bar,
-    ):
+    with tqdm(
+        total=num_steps,
+        initial=start_step,
+        desc="train",
+        disable=not is_primary,
+        dynamic_ncols=True,
+        mininterval=2.0,
+    ) as bar:
         step = start_step
         vote = distributed.StopVote()  # every process stops after the same step
-        stopping = False
+        # One process: a signal during start-up (data, compilation) stops before the loop.
+        stopping = jax.process_count() == 1 and stop.signal_name is not None
         try:
             while step < num_steps and not stopping:
                 batch = next(train_iter)
@@ -398,10 +460,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
                 pending = (step, device_metrics)
                 bar.update(1)
                 if step % config.train.image_every == 0 or step == num_steps:
-                    write_images(step, replicated, batch)
+                    if pending is not None:  # a NaN is reported before the figures read the step
+                        consume(*pending)
+                        pending = None
+                    _write_image_summaries(write_images, step, replicated, batch)
                 if step % config.train.checkpoint_every == 0 and step < num_steps:
-                    consume(*pending)  # never checkpoint a state whose losses were not checked
-                    pending = None
+                    if (
+                        pending is not None
+                    ):  # never checkpoint a state whose losses were not checked
+                        consume(*pending)
+                        pending = None
                     save(step)
                 vote.cast(stop.signal_name is not None)
                 stopping = vote.decided()
@@ -409,8 +477,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
                 consume(*pending)
                 pending = None
         except NonFiniteError:
-            manager.wait_until_finished()
-            writer.close()
+            checkpointing.wait(manager)
+            _close_quietly(writer)
+            raise
+        except (checkpointing.CheckpointError, OSError):
+            _close_quietly(writer)  # the disk may be full: the first error is the one to report
             raise
         if stopping:
             logging.warning(
@@ -418,12 +489,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
                 stop.signal_name or "Stop request of another process",
                 step,
             )
-        if manager.latest_step() != step:
+        if step > start_step and manager.latest_step() != step:
             save(step, force=True)
-    manager.wait_until_finished()
+    checkpointing.wait(manager)
     manager.close()
     writer.close()
     return state_lib.unreplicate(replicated)
+
+
+def _close_quietly(writer) -> None:
+    """Closes the summary writer on an error path, ignoring its own write errors."""
+    try:
+        writer.close()
+    except OSError as error:
+        logging.debug("Closing the summary writer failed: %s", error)
+
+
+def _write_image_summaries(write_images, step: int, replicated, batch) -> None:
+    """Image summaries never stop training: a failure is logged and the run goes on."""
+    try:
+        write_images(step, replicated, batch)
+    except NonFiniteError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any figure failure (t-SNE, plotting, ...)
+        message = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        logging.warning("Image summaries of step %d failed (training goes on): %s", step, message)
 
 
 _PYTREE_FIELDS = ("step", "params", "prototypes", "opt_state", "prototype_opt_state", "rng")
@@ -447,6 +537,7 @@ class _ImageSummaries:
             return
         params = state_lib.unreplicate(replicated.params)
         prototypes = state_lib.unreplicate(replicated.prototypes)
+        check_finite_arrays(step, {"params": params, "prototypes": prototypes})
         if self.detector is None:
             self.detector = inference.Detector(self.config, params, prototypes, step=step)
         else:
