@@ -34,18 +34,7 @@ _STREAMED = flags.DEFINE_bool("streamed", False, "Read batches from the data sou
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    fv = flags.FLAGS
-    config = prepare.build_config(
-        fv.config,
-        fv.dataset,
-        manual_dir=fv.manual_dir,
-        data_dir=fv.data_dir,
-        source=fv.source,
-        num_train=fv.num_train,
-        num_test=fv.num_test,
-        num_objects=fv.num_objects,
-        image_size=fv.image_size,
-    )
+    config = prepare.config_from_flags()
     config.train.batch_size = _BATCH_SIZE.value
     config.dataset.num_eval_examples = _EVAL_EXAMPLES.value
     if _STREAMED.value:

@@ -10,7 +10,7 @@ Run it from the repository root on a quiet machine. It prints the machine
 table row per measurement (`ROWS`):
 
 - `train/...`: `benchmarks/train_step.py`'s `time_train_step` (TPS pairs +
-  encoder/decoder Adam step + prototype steps, `tusk_jax.train.train_step`
+  encoder/decoder Adam step + prototype steps, `tusk_jax.step.train_step`
   over all local devices, random images in memory) at the reference's MNIST
   setting (`configs/mnist_hard.py`, 4 pairs), its Tetrominoes setting
   (`configs/tetrominoes.py`, 2 pairs) and the `:cpu` variants at their own

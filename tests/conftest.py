@@ -31,7 +31,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def trained_tetrominoes(tmp_path_factory, worker_id):
-    """`(config, workdir)`: tetrominoes:test trained by `train_and_evaluate` (4 steps).
+    """`(config, workdir)`: tetrominoes:test trained by `train.fit` (4 steps).
 
     Trained once per test run: the xdist workers share one folder and a file
     lock, so whichever worker comes first trains and the others reuse it.
@@ -49,7 +49,7 @@ def trained_tetrominoes(tmp_path_factory, worker_id):
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (workdir / "checkpoints" / str(config.train.num_steps)).is_dir():
             shutil.rmtree(workdir, ignore_errors=True)
-            train.train_and_evaluate(config, str(workdir))
+            train.fit(config, str(workdir))
     return config, str(workdir)
 
 

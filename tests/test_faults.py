@@ -22,7 +22,8 @@ import jax
 import numpy as np
 import pytest
 
-from tusk_jax import checkpointing, config_lib, evaluate, inference, train
+from tusk_jax import checkpointing, config_lib, evaluate, train
+from tusk_jax import state as state_lib
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 
@@ -200,7 +201,7 @@ def test_corrupt_latest_step_falls_back_to_the_intact_one(trained_tetrominoes, t
         _empty_metadata(os.path.join(workdir, "checkpoints", "4", "state", "_METADATA"))
     else:
         {"flip": _flip_bytes, "truncate": _truncate}[damage](_data_files(workdir, 4)[-1])
-    template = inference.state_template(config)
+    template = checkpointing.state_template(config)
     manager = checkpointing.create_manager(workdir, use_async=False)
     try:
         with pytest.raises(checkpointing.CorruptCheckpointError, match="step 4"):
@@ -227,7 +228,7 @@ def test_checkpoint_without_checksum_restores_with_a_warning(trained_tetrominoes
     os.remove(checkpointing.checksum_path(checkpointing.checkpoint_dir(workdir), 4))
     manager = checkpointing.create_manager(workdir, use_async=False)
     try:
-        state, _, step = checkpointing.restore(manager, inference.state_template(config))
+        state, _, step = checkpointing.restore(manager, checkpointing.state_template(config))
     finally:
         manager.close()
     assert step == 4 and int(state.step) == 4
@@ -242,7 +243,7 @@ def test_resume_after_corruption_retrains_the_same_weights(
     """
     config, trained = trained_tetrominoes
     workdir = _copy_run(trained, tmp_path)
-    expected, _ = inference.restore_state(trained, config)
+    expected, _ = checkpointing.restore_state(trained, config)
     _flip_bytes(_data_files(workdir, 4)[-1])
 
     def broken_figures(*args, **kwargs):
@@ -257,7 +258,7 @@ def test_resume_after_corruption_retrains_the_same_weights(
         "4",
         "4" + checkpointing.CHECKSUM_SUFFIX,
     ]
-    restored, _ = inference.restore_state(workdir, config)
+    restored, _ = checkpointing.restore_state(workdir, config)
     assert _params_equal(restored.params, expected.params)
 
 
@@ -291,7 +292,7 @@ def test_disk_full_during_save_is_one_error_and_keeps_the_checkpoints(
 
     config, trained = trained_tetrominoes
     workdir = _copy_run(trained, tmp_path)
-    template = inference.state_template(config)
+    template = checkpointing.state_template(config)
     manager = checkpointing.create_manager(workdir)
     state, data, _ = checkpointing.restore(manager, template)
     path_class = type(epath.Path(workdir))
@@ -332,7 +333,7 @@ def test_nan_is_reported_before_image_summaries(trained_tetrominoes, tmp_path):
     workdir = _copy_run(trained, tmp_path)
     manager = checkpointing.create_manager(workdir, use_async=False)
     try:
-        state, data, _ = checkpointing.restore(manager, inference.state_template(config))
+        state, data, _ = checkpointing.restore(manager, checkpointing.state_template(config))
         poisoned = state.replace(
             step=np.int32(5), prototypes=np.full_like(state.prototypes, np.nan)
         )
@@ -369,13 +370,13 @@ def test_nan_learning_rate_on_the_command_line(trained_tetrominoes, tmp_path):
 def test_ctrl_c_during_start_up_stops_cleanly(trained_tetrominoes, tmp_path, monkeypatch):
     """SIGINT while the model compiles: no KeyboardInterrupt, no step, no checkpoint."""
     config, _ = trained_tetrominoes
-    create = train.create_train_state
+    create = state_lib.create_train_state
 
     def interrupted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         return create(*args, **kwargs)
 
-    monkeypatch.setattr(train, "create_train_state", interrupted)
+    monkeypatch.setattr(state_lib, "create_train_state", interrupted)
     state = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert int(state.step) == 0
     assert checkpointing.saved_steps(str(tmp_path / "run")) == []

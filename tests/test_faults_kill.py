@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from tusk_jax import inference
+from tusk_jax import checkpointing
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 NUM_STEPS = 8
@@ -126,8 +126,8 @@ def test_sigkill_at_random_moments_resumes_bitwise(trained_tetrominoes, tmp_path
     assert delivered, "no kill point was reached"
     assert not _run_until(killed, data_dir, None)  # resumes and finishes
 
-    expected, step = inference.restore_state(reference, config)
-    found, found_step = inference.restore_state(killed, config)
+    expected, step = checkpointing.restore_state(reference, config)
+    found, found_step = checkpointing.restore_state(killed, config)
     assert step == found_step == NUM_STEPS
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(found), strict=True):
         assert np.asarray(a).dtype == np.asarray(b).dtype and np.array_equal(a, b)

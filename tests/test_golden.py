@@ -102,8 +102,9 @@ def _step_variant_metrics(overrides: dict) -> list[dict]:
     import numpy as np
 
     from configs import tetrominoes
-    from tusk_jax import models, train
+    from tusk_jax import models
     from tusk_jax import state as state_lib
+    from tusk_jax import step as step_lib
 
     config = tetrominoes.get_config("test")
     with config.unlocked():
@@ -112,7 +113,7 @@ def _step_variant_metrics(overrides: dict) -> list[dict]:
             config[section][field] = value
     model = models.create_model(config)
     state = state_lib.replicate(state_lib.create_train_state(config, model))
-    step = train.make_p_train_step(config, model)
+    step = step_lib.make_p_train_step(config, model)
     devices = jax.local_device_count()
     size = config.dataset.image_size
     records = []

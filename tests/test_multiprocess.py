@@ -212,15 +212,17 @@ def test_local_sh_stops_the_others_when_one_process_fails(tmp_path):
 
 
 def test_batch_split_in_one_process(monkeypatch):
+    from tusk_jax import config_lib
+
     assert distributed.device_layout() == {0: 2}
-    assert distributed.check_batch_split(4) == 2
+    assert config_lib.check_batch_split(4) == 2
     with pytest.raises(ValueError, match=r"over the 2 devices \(1 process\(es\) x 2 device"):
-        distributed.check_batch_split(3)
+        config_lib.check_batch_split(3)
     with pytest.raises(ValueError, match="use a multiple of 2"):
-        distributed.check_batch_split(0)
+        config_lib.check_batch_split(0)
     monkeypatch.setattr(distributed, "device_layout", lambda: {0: 2, 1: 1})
     with pytest.raises(ValueError, match="same number of devices.*process 0: 2, process 1: 1"):
-        distributed.check_batch_split(6)
+        config_lib.check_batch_split(6)
 
 
 SLURM_STEP = {

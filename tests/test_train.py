@@ -17,6 +17,7 @@ import pytest
 from configs import tetrominoes
 from tusk_jax import checkpointing, models, summaries, train
 from tusk_jax import state as state_lib
+from tusk_jax import step as step_lib
 
 IMAGE_SIZE = 16
 
@@ -60,6 +61,9 @@ class FakeTrainIterator:
     def set_state(self, state):
         self.position = state["position"]
 
+    def close(self):
+        pass
+
 
 def make_config(**train_overrides):
     config = tetrominoes.get_config("test")
@@ -86,14 +90,14 @@ def compiled_step(device_count):
     """The :test config's step, pmapped over the first `device_count` devices, and a trace count."""
     config = make_config()
     model = models.create_model(config)
-    step_config = train.StepConfig.from_config(config, model)
+    step_config = step_lib.StepConfig.from_config(config, model)
     traces = []
 
     def counted(state, images, vgg):
         traces.append(1)
-        return train.train_step(state, images, vgg, cfg=step_config)
+        return step_lib.train_step(state, images, vgg, cfg=step_config)
 
-    step = jax.pmap(counted, axis_name=train.AXIS, devices=jax.devices()[:device_count])
+    step = jax.pmap(counted, axis_name=step_lib.AXIS, devices=jax.devices()[:device_count])
     return config, model, step, traces
 
 
@@ -252,7 +256,7 @@ def test_kmeans_ablation_pulls_prototypes_onto_descriptors():
     model = models.create_model(config)
     state = state_lib.create_train_state(config, model)
     images = squares(0, config.train.batch_size).reshape(2, -1, IMAGE_SIZE, IMAGE_SIZE, 3)
-    new_state, metrics = train.make_p_train_step(config, model)(
+    new_state, metrics = step_lib.make_p_train_step(config, model)(
         state_lib.replicate(state), images, None
     )
     assert "loss/sw" not in metrics
@@ -295,9 +299,15 @@ def test_joint_ablation_step_runs():
     config = make_config(alternate=False, num_prototype_steps=0)
     model = models.create_model(config)
     state = state_lib.replicate(state_lib.create_train_state(config, model))
-    step = train.make_p_train_step(config, model)
+    step = step_lib.make_p_train_step(config, model)
     images = squares(0, config.train.batch_size).reshape(2, -1, IMAGE_SIZE, IMAGE_SIZE, 3)
     before = np.asarray(state.prototypes[0])
     state, metrics = step(state, images, None)
     assert np.isfinite(float(metrics["loss/sw"][0]))
     assert np.abs(np.asarray(state.prototypes[0]) - before).max() > 0
+
+
+def test_cadence_of_periodic_work():
+    log = [s for s in range(1, 11) if train.every(s, 4, 10, at_last=True)]
+    checkpoints = [s for s in range(1, 11) if train.every(s, 5, 10, at_last=False)]
+    assert log == [4, 8, 10] and checkpoints == [5]

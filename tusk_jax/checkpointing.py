@@ -18,8 +18,6 @@ Write failures (disk full, read-only folder) become one `CheckpointWriteError`
 naming the folder and the OS cause; `check_writable` tests the folders first.
 """
 
-import errno
-import hashlib
 import json
 import os
 import shutil
@@ -34,28 +32,23 @@ from etils import epath
 
 from tusk_jax import config_lib, models
 from tusk_jax import state as state_lib
+from tusk_jax.checkpoint_integrity import (  # noqa: F401  (part of this module's API)
+    CHECKSUM_SUFFIX,
+    WRITE_ERRNOS,
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    check_writable,
+    checksum_path,
+    prune_checksums,
+    raise_write_error,
+    read_checksum,
+    state_digest,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
-CHECKSUM_SUFFIX = ".sha256.json"
-# OS errors that mean "this folder cannot take the checkpoint": reported as such.
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or no intact one can be read; says where and why."""
-
-
-class CheckpointWriteError(CheckpointError):
-    """Writing a checkpoint (or testing the folder) failed: disk full, read-only, ..."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A saved step cannot be read, or its values do not match its checksum."""
-
-
-class CheckpointMismatchError(ValueError):
-    """A saved step's arrays do not fit the model of the config (another config's run)."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -85,106 +78,6 @@ def saved_steps(workdir: str) -> list[int]:
 # ----------------------------------------------------------------------------
 
 
-def _os_cause(error: BaseException) -> tuple[str, str | None] | None:
-    """(OS cause, file) of the first write-type OSError in an exception's chain."""
-    seen = set()
-    stack = [error]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in WRITE_ERRNOS:
-            name = errno.errorcode.get(current.errno, str(current.errno))
-            return f"{current.strerror or os.strerror(current.errno)} ({name})", current.filename
-        # tensorstore reports OS errors as text.
-        for code in WRITE_ERRNOS:
-            if os.strerror(code) in str(current):
-                return f"{os.strerror(code)} ({errno.errorcode[code]})", None
-        stack.extend([current.__cause__, current.__context__])
-        stack.extend(getattr(current, "exceptions", ()))
-    return None
-
-
-def raise_write_error(error: BaseException, directory: str, what: str) -> None:
-    """Re-raises a disk-full / permission error as one `CheckpointWriteError`; else nothing."""
-    cause = _os_cause(error)
-    if cause is None:
-        return
-    message, filename = cause
-    where = f" ({filename})" if filename and str(filename) != str(directory) else ""
-    raise CheckpointWriteError(
-        f"cannot write {what} to {directory}{where}: {message}. The earlier checkpoints "
-        "are intact; free space or fix the permissions, then run the same command again."
-    ) from error
-
-
-def check_writable(*directories: str) -> None:
-    """Creates each folder and a probe file in it; `CheckpointWriteError` if it cannot."""
-    for directory in directories:
-        probe = os.path.join(directory, f".tusk_write_test.{os.getpid()}")
-        try:
-            os.makedirs(directory, exist_ok=True)
-            with open(probe, "w") as f:
-                f.write("ok")
-                f.flush()
-                os.fsync(f.fileno())
-            os.remove(probe)
-        except OSError as error:
-            if error.errno not in WRITE_ERRNOS:
-                raise
-            raise CheckpointWriteError(
-                f"cannot write to {directory}: {error.strerror} "
-                f"({errno.errorcode.get(error.errno, error.errno)}); give a --workdir this "
-                "process can write to."
-            ) from None
-
-
-def state_digest(state: Any, data_state: dict | None) -> dict:
-    """SHA-256 of a host state's arrays (paths, dtypes, shapes, bytes) and of the data position."""
-    digest = hashlib.sha256()
-    leaves, _ = jax.tree_util.tree_flatten_with_path(state)
-    for path, leaf in leaves:
-        array = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(jax.tree_util.keystr(path).encode())
-        digest.update(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(array.tobytes())
-    data = json.dumps(data_state or {}, sort_keys=True).encode()
-    return {
-        "state_sha256": digest.hexdigest(),
-        "data_sha256": hashlib.sha256(data).hexdigest(),
-        "arrays": len(leaves),
-    }
-
-
-def checksum_path(directory: str, step: int) -> str:
-    return os.path.join(str(directory), f"{int(step)}{CHECKSUM_SUFFIX}")
-
-
-def read_checksum(directory: str, step: int) -> dict | None:
-    """The checksum saved with `step`, or None (runs saved before checksums existed)."""
-    path = checksum_path(directory, step)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as error:
-        raise CorruptCheckpointError(
-            f"checkpoint step {step}: its checksum file {path} cannot be read ({error})."
-        ) from None
-
-
-def _prune_checksums(manager) -> None:
-    """Removes the checksum files of steps orbax no longer keeps (or never finished)."""
-    directory = str(manager.directory)
-    kept = set(manager.all_steps())
-    for name in os.listdir(directory):
-        if name.endswith(CHECKSUM_SUFFIX) and name[: -len(CHECKSUM_SUFFIX)].isdigit():
-            if int(name[: -len(CHECKSUM_SUFFIX)]) not in kept:
-                os.remove(os.path.join(directory, name))
-
-
 def wait(manager) -> None:
     """Waits for the pending asynchronous save; its write errors as `CheckpointWriteError`."""
     try:
@@ -209,7 +102,7 @@ def save(manager, step: int, state: Any, data_state: dict | None, force: bool = 
     wait(manager)
     try:
         if jax.process_index() == 0:  # One writer of the shared folder.
-            _prune_checksums(manager)
+            prune_checksums(manager)
             path = checksum_path(directory, step)
             with open(path + ".tmp", "w") as f:
                 json.dump({"step": int(step), **state_digest(state, data_state)}, f)
@@ -420,45 +313,6 @@ def set_aside(manager, workdir: str, steps: list, move: bool = True) -> None:
     manager.reload()
 
 
-# Config fields that must agree between a given config and the run's saved one:
-# they decide the parameter shapes, the keypoint extraction or the image size
-# the network was trained at.
-CHECKED_DATASET_FIELDS = ("image_size",)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            out.update(_flatten(value, name))
-        else:
-            out[name] = value
-    return out
-
-
-def config_differences(
-    config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict
-) -> list[str]:
-    """The `model.*` and `dataset.image_size` fields on which two configs differ.
-
-    Returns:
-      One line per differing field, `"model.window: 5 (given) vs 11 (saved)"`;
-      empty when the configs build the same network.
-    """
-    given = _flatten(config.model.to_dict(), "model")
-    kept = _flatten(saved.model.to_dict(), "model")
-    for field in CHECKED_DATASET_FIELDS:
-        given[f"dataset.{field}"] = config.dataset.get(field)
-        kept[f"dataset.{field}"] = saved.dataset.get(field)
-    lines = []
-    for name in sorted(set(given) | set(kept)):
-        a, b = given.get(name, "<missing>"), kept.get(name, "<missing>")
-        if a != b:
-            lines.append(f"{name}: {a!r} (given) vs {b!r} (saved)")
-    return lines
-
-
 def resolve_config(
     workdir: str, config: ml_collections.ConfigDict | None = None
 ) -> ml_collections.ConfigDict:
@@ -482,7 +336,7 @@ def resolve_config(
     saved = config_lib.load_config(workdir)
     if config is None:
         return ml_collections.ConfigDict(saved.to_dict())
-    differences = config_differences(config, saved)
+    differences = config_lib.config_differences(config, saved)
     if differences:
         raise ValueError(
             f"The checkpoint in {workdir!r} comes from another config: the given config "

@@ -351,7 +351,7 @@ def _restored_detector(
     state, step = checkpointing.restore_state(workdir, config, step)
     if detector is None:
         return inference.Detector(config, state.params, state.prototypes, step=step), step
-    differences = checkpointing.config_differences(detector.config, config)
+    differences = config_lib.config_differences(detector.config, config)
     if differences:
         raise ValueError(
             "detector: it was built for another model than the run in "

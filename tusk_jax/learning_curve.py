@@ -78,7 +78,7 @@ def training_metrics(workdir: str, log_every: int) -> dict[int, dict[str, float 
 
     The run's log records no clock time, but each record's
     `steps_per_second` is measured over the wall-clock interval since the
-    previous record (`train.train_and_evaluate`), so the training time is
+    previous record (`train.fit`), so the training time is
     the sum over records of steps / steps_per_second: `wall_seconds`. It
     covers the training loop (first-step compilation, image summaries and
     checkpoint saves included), not the start-up before the loop nor the

@@ -1,6 +1,6 @@
 """Trains TUSK: `python -m tusk_jax.main --config=configs/tetrominoes.py --workdir=DIR`.
 
-Flags only; the work is `tusk_jax.train.train_and_evaluate`. The same command
+Flags only; the work is `tusk_jax.train.fit`. The same command
 runs as one process on all local devices, or as one of N processes (see
 `launch/README.md`):
 
@@ -150,7 +150,11 @@ def main(argv):
         distributed.initialize(
             FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
         )
-        distributed.check_batch_split(FLAGS.config.train.batch_size)
+        # Imported after the runtime started: importing the ops creates JAX arrays,
+        # which starts a single-process backend that jax.distributed cannot join.
+        from tusk_jax import config_lib
+
+        config_lib.check_batch_split(FLAGS.config.train.batch_size)
     except ValueError as error:
         sys.exit(f"tusk_jax.main: {error}")
     if jax.process_index() != 0:
@@ -158,12 +162,10 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     logging.info("JAX %s", distributed.describe())
     logging.info("Config:\n%s", FLAGS.config)
-    # Imported after the runtime started: importing the ops creates JAX arrays,
-    # which starts a single-process backend that jax.distributed cannot join.
-    from tusk_jax import checkpointing, config_lib, train
+    from tusk_jax import checkpointing, train
 
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
+        train.fit(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
     except (
         config_lib.ConfigError,
         checkpointing.CheckpointError,

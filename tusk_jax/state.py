@@ -54,7 +54,7 @@ def make_optimizers(
     scale = 1.0
     if config.train.scale_lr_by_devices:
         scale = float(jax.device_count() if device_count is None else device_count)
-    schedule, warmup_steps = config_lib.lr_schedule(config)
+    schedule, warmup_steps = config.train.lr_schedule, config.train.warmup_steps
     return _optimizers(
         config.train.learning_rate * scale,
         schedule,
@@ -86,7 +86,7 @@ def learning_rate_schedule(
 
 def learning_rate_at(config: ml_collections.ConfigDict, update: int) -> float:
     """The encoder/decoder lr of 0-based Adam update `update`, before device scaling."""
-    schedule, warmup_steps = config_lib.lr_schedule(config)
+    schedule, warmup_steps = config.train.lr_schedule, config.train.warmup_steps
     lr = learning_rate_schedule(
         config.train.learning_rate, schedule, warmup_steps, config.train.num_steps
     )

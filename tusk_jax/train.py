@@ -1,27 +1,13 @@
-"""Training: the state, the alternating train step and the loop (SPEC sections 3-4).
+"""The training loop: `fit(config, workdir)` trains or resumes a run.
 
-`train_and_evaluate(config, workdir)` is the one entry point used by
-`python -m tusk_jax.main`, the tests and the notebooks.
-
-One iteration (`train_step`, `pmap`ped over the devices, axis 'batch'):
-  1. every image of the batch becomes a TPS pair (I1, I2) on device;
-  2. one Adam step of encoder + decoder on
-     L_recon + L_km + L_eqv with the prototypes frozen, gradients averaged
-     across devices;
-  3. the descriptors of the updated encoder (one more encoder pass, as the
-     reference; `train.prototype_descriptors='stale'` reuses those of step
-     2's forward pass) are all-gathered across devices and
-     `num_prototype_steps` Adam steps of the prototypes on L_sw run in a
-     `lax.scan`.
-Every device computes the same prototype update from the same gathered
-descriptors and the same key, so the prototypes stay identical everywhere
-without communication. Ablations (the paper's Tables 4 and 6):
-`train.alternate=False` trains the prototypes jointly in the single step;
-`train.prototype_objective='kmeans'` trains them with L_km instead of L_sw.
+Used by `python -m tusk_jax.main`, the tests and the notebooks. The step
+itself is `tusk_jax.step`; the state `tusk_jax.state`. Resources (checkpoint
+manager, input iterator, summary writer, signal handlers) close in one
+`ExitStack`; `every` decides the log, image and checkpoint steps.
 """
 
+import contextlib
 import dataclasses
-import functools
 import os
 import signal
 import time
@@ -29,12 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from jax import lax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -44,231 +27,13 @@ from tusk_jax import (
     distributed,
     inference,
     input_pipeline,
-    losses,
     models,
-    ops,
     perceptual,
     summaries,
     visualization,
 )
 from tusk_jax import state as state_lib
-
-AXIS = state_lib.AXIS
-
-
-TPS_FIELDS = ("scale", "scale_var", "tps", "off", "rot", "padding", "cval")
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """What one training step needs besides the state, fixed when the step is built.
-
-    Attributes:
-      model: the `models.TUSK` network.
-      loss: the losses' fields and weights.
-      tps: keyword arguments of `ops.make_training_pair` (`config.tps`).
-      joint: the ablation without alternation: the prototypes move in the
-        network step (`train.alternate=False`).
-      prototype_term: the term the prototypes minimise ('sw', or 'kmeans' in
-        the ablation); `prototype_objective` computes it (weighted, unweighted).
-      num_prototype_steps: prototype Adam steps per iteration (alternating).
-      updated_descriptors: the prototype steps fit the updated encoder's
-        descriptors (one more encoder pass) instead of the step's own.
-      num_prototypes: M.
-    """
-
-    model: models.TUSK
-    loss: losses.LossConfig
-    tps: dict[str, Any]
-    joint: bool
-    prototype_term: str
-    prototype_objective: Callable
-    num_prototype_steps: int
-    updated_descriptors: bool
-    num_prototypes: int
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, model: models.TUSK) -> "StepConfig":
-        loss = losses.LossConfig.from_config(config)
-        term, objective = losses.prototype_objective(loss, config.train.prototype_objective)
-        return cls(
-            model=model,
-            loss=loss,
-            tps={name: config.tps[name] for name in TPS_FIELDS},
-            joint=not config.train.alternate,
-            prototype_term=term,
-            prototype_objective=objective,
-            num_prototype_steps=int(config.train.num_prototype_steps),
-            updated_descriptors=config.train.prototype_descriptors == "updated",
-            num_prototypes=int(config.model.num_prototypes),
-        )
-
-
-def network_update(
-    state: state_lib.TrainState,
-    images: jax.Array,
-    grids: jax.Array,
-    key: jax.Array,
-    vgg_params: Any,
-    cfg: StepConfig,
-) -> tuple[Any, Any, dict[str, Any]]:
-    """One Adam step of encoder + decoder on the weighted sum of the network terms.
-
-    Args:
-      state: the device's `TrainState`.
-      images: `[2b, H, W, 3]` the pairs (I1 then I2); `grids` their warps.
-      key: the L_sw key of the joint ablation.
-      vgg_params: frozen VGG16 parameters of the perceptual loss, or None.
-      cfg: the step's `StepConfig`; with `cfg.joint` the prototypes get
-        gradients too (and L_sw is a term, unless they minimise L_km).
-
-    Returns:
-      `(params, opt_state, aux)`: aux holds `total`, `terms`, `out` (the
-      model's outputs), `grads` and `prototype_grads` (device-averaged).
-    """
-
-    def loss_fn(params, prototypes):
-        if not cfg.joint:
-            prototypes = lax.stop_gradient(prototypes)
-        out = cfg.model.apply(params, images)
-        terms = losses.network_terms(cfg.loss, images, grids, out, prototypes, vgg_params)
-        if cfg.joint and cfg.prototype_term == "sw":
-            # (With k-means prototypes, the L_km term already trains them.)
-            descriptors = _gather_descriptors(out["descriptors"])
-            terms["sw"] = losses.prototype_loss(cfg.loss, key, descriptors, prototypes)
-        return losses.weighted_total(terms, cfg.loss.weights), (terms, out)
-
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
-    (total, (terms, out)), (grads, prototype_grads) = grad_fn(state.params, state.prototypes)
-    grads = lax.pmean(grads, AXIS)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    aux = {"total": total, "terms": terms, "out": out, "grads": grads}
-    aux["prototype_grads"] = lax.pmean(prototype_grads, AXIS) if cfg.joint else None
-    return params, opt_state, aux
-
-
-def prototype_update(
-    prototypes: jax.Array,
-    opt_state: Any,
-    descriptors: jax.Array,
-    key: jax.Array,
-    tx: optax.GradientTransformation,
-    cfg: StepConfig,
-) -> tuple[jax.Array, Any, tuple[jax.Array, jax.Array, jax.Array]]:
-    """`cfg.num_prototype_steps` Adam steps of the prototypes on their objective (`lax.scan`).
-
-    Args:
-      prototypes: `[M, C]`; `opt_state` their Adam state.
-      descriptors: `[N, C]` the global batch's descriptors (fixed).
-      key: step s uses `fold_in(key, s)`.
-
-    Returns:
-      `(prototypes, opt_state, (weighted losses [S], unweighted terms [S],
-      gradient norms [S]))`.
-    """
-
-    def one_step(carry, index):
-        prototypes, opt_state = carry
-        (loss, term), grad = jax.value_and_grad(
-            lambda p: cfg.prototype_objective(jax.random.fold_in(key, index), descriptors, p),
-            has_aux=True,
-        )(prototypes)
-        updates, opt_state = tx.update(grad, opt_state, prototypes)
-        new = (optax.apply_updates(prototypes, updates), opt_state)
-        return new, (loss, term, optax.tree.norm(grad))
-
-    (prototypes, opt_state), history = lax.scan(
-        one_step, (prototypes, opt_state), jnp.arange(cfg.num_prototype_steps)
-    )
-    return prototypes, opt_state, history
-
-
-def train_step(
-    state: state_lib.TrainState, images: jax.Array, vgg_params: Any, *, cfg: StepConfig
-) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
-    """One TUSK iteration on one device's share of the batch (run under `pmap`).
-
-    Makes a TPS pair of each image, runs `network_update`, then moves the
-    prototypes: with the step's gradients (joint ablation) or by
-    `prototype_update` on the gathered descriptors. Every device computes the
-    same prototype update from the same descriptors and key.
-
-    Args:
-      state: the replicated `TrainState`.
-      images: `[b, H, W, 3]` float in [0, 1], this device's images.
-      vgg_params: frozen VGG16 parameters for the perceptual loss, or None.
-      cfg: static, bound with `functools.partial`.
-
-    Returns:
-      `(new_state, metrics)`; metrics are averaged over devices.
-    """
-    local_batch = images.shape[0]
-    pair_key, prototype_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
-    # Per-example keys from the *global* example index: the pairs do not
-    # depend on how the global batch is split over devices or processes.
-    first_example = lax.axis_index(AXIS) * local_batch
-    example_keys = jax.vmap(lambda i: jax.random.fold_in(pair_key, first_example + i))(
-        jnp.arange(local_batch)
-    )
-    make_pair = functools.partial(ops.make_training_pair, **cfg.tps)
-    i1, i2, grids = jax.vmap(make_pair)(example_keys, images)
-    both = jnp.concatenate([i1, i2], axis=0)
-    params, opt_state, aux = network_update(state, both, grids, prototype_key, vgg_params, cfg)
-    terms, out = aux["terms"], aux["out"]
-    if cfg.updated_descriptors:
-        fitted = cfg.model.apply(params, both, method=models.TUSK.keypoints)["descriptors"]
-    else:
-        fitted = out["descriptors"]  # From before the update: no extra pass.
-    descriptors = _gather_descriptors(lax.stop_gradient(fitted))
-    prototypes, prototype_opt_state = state.prototypes, state.prototype_opt_state
-    metrics = {}
-    if cfg.joint:
-        prototype_updates, prototype_opt_state = state.prototype_tx.update(
-            aux["prototype_grads"], prototype_opt_state, prototypes
-        )
-        prototypes = optax.apply_updates(prototypes, prototype_updates)
-        metrics["prototype_grad_norm"] = optax.tree.norm(aux["prototype_grads"])
-    elif cfg.num_prototype_steps > 0:
-        prototypes, prototype_opt_state, (weighted, unweighted, grad_norms) = prototype_update(
-            prototypes, prototype_opt_state, descriptors, prototype_key, state.prototype_tx, cfg
-        )
-        if cfg.prototype_term == "sw":
-            terms["sw"] = unweighted[0]
-        metrics["prototype_loss_first"] = weighted[0]
-        metrics["prototype_loss_last"] = weighted[-1]
-        metrics["prototype_grad_norm"] = grad_norms[0]
-    nearest = ops.nearest_prototype(descriptors, prototypes)
-    metrics.update({f"loss/{name}": value for name, value in terms.items()})
-    metrics["loss/total"] = aux["total"]
-    metrics["grad_norm"] = optax.tree.norm(aux["grads"])
-    metrics["confidence"] = jnp.mean(out["confidence"])
-    metrics = lax.pmean(metrics, AXIS)
-    # Identical on every device (computed from the gathered descriptors).
-    metrics["prototypes_in_use"] = jnp.sum(jnp.bincount(nearest, length=cfg.num_prototypes) > 0)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        prototypes=prototypes,
-        opt_state=opt_state,
-        prototype_opt_state=prototype_opt_state,
-    )
-    return new_state, metrics
-
-
-def _gather_descriptors(descriptors: jax.Array) -> jax.Array:
-    """`[b, K, C]` per device -> `[N, C]` descriptors of the global batch."""
-    flat = descriptors.reshape(-1, descriptors.shape[-1])
-    return lax.all_gather(flat, AXIS, tiled=True)
-
-
-def make_p_train_step(config: ml_collections.ConfigDict, model: models.TUSK) -> Callable:
-    """`train_step` with its `StepConfig` bound, `pmap`ped over local devices."""
-    return jax.pmap(
-        functools.partial(train_step, cfg=StepConfig.from_config(config, model)),
-        axis_name=AXIS,
-        donate_argnums=(0,),
-    )
+from tusk_jax import step as step_lib
 
 
 class NonFiniteError(FloatingPointError):
@@ -327,30 +92,55 @@ class _StopRequest:
         return False
 
 
-def train_and_evaluate(
+def fit(
     config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False
 ) -> state_lib.TrainState:
-    """Trains (or resumes) a TUSK model in `workdir`; returns the final host state.
+    """Trains (or resumes) a TUSK run in `workdir`; returns the final host state.
 
     Restores the newest intact checkpoint and the input position when
-    `workdir` has one (corrupt newer steps are reported and set aside, see
+    `workdir` has one (corrupt newer steps are set aside, see
     `checkpointing.restore_newest_intact`); writes metrics (`metrics.jsonl`,
     TensorBoard), image summaries and checkpoints; stops cleanly with a
-    checkpoint on SIGTERM / SIGINT (also during start-up); raises
-    `NonFiniteError` naming the step and the term when a loss goes NaN/Inf.
-
-    Resuming with another config: `config_lib.check_resume_config` compares
-    it with the run's `config.json` before anything is written; changes of
-    meaning need `allow_config_change` and are recorded in
-    `config_changes.jsonl`.
+    checkpoint on SIGTERM / SIGINT (also during start-up). A resumed run's
+    config is compared with its `config.json` first
+    (`config_lib.check_resume_config`; changes of meaning need
+    `allow_config_change` and are recorded in `config_changes.jsonl`).
 
     Raises:
       config_lib.ConfigError: an invalid config, or a refused config change.
       checkpointing.CheckpointError: the workdir is not writable, a save
         failed (disk full, read-only), or no checkpoint is intact.
+      NonFiniteError: a loss, gradient norm or parameter went NaN/Inf (names
+        the step and the term).
     """
-    with _StopRequest() as stop:
-        return _train_and_evaluate(config, workdir, allow_config_change, stop)
+    with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(_StopRequest())
+        run = _start(config, workdir, allow_config_change, stack)
+        return _loop(run, stop)
+
+
+train_and_evaluate = fit  # The former name (it never evaluated); main and notebooks used it.
+
+
+def every(step: int, period: int, last_step: int, at_last: bool) -> bool:
+    """Whether periodic work runs after `step`: multiples of `period`; at `last_step`, `at_last`."""
+    if step == last_step:
+        return at_last
+    return step % period == 0
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the loop needs, made by `_start` (closed by its `ExitStack`)."""
+
+    config: ml_collections.ConfigDict
+    manager: Any
+    train_iter: Any
+    writer: summaries.SummaryWriter
+    p_train_step: Callable
+    vgg_params: Any
+    replicated: state_lib.TrainState
+    start_step: int
 
 
 def _prepare_workdir(
@@ -367,142 +157,176 @@ def _prepare_workdir(
     return changes
 
 
-def _train_and_evaluate(config, workdir, allow_config_change, stop) -> state_lib.TrainState:
+def _start(config, workdir, allow_config_change, stack: contextlib.ExitStack) -> _Run:
+    """Validates, restores (or initialises) the run and opens what the loop writes to."""
     config_lib.validate_config(config)
     changes = _prepare_workdir(config, workdir, allow_config_change)
     workdir = os.path.abspath(workdir)
-    is_primary = jax.process_index() == 0
-
     model = models.create_model(config)
     state = state_lib.create_train_state(config, model)
     manager = checkpointing.create_manager(workdir, config.train.max_to_keep)
+    stack.enter_context(_finishing_saves(manager))
     train_iter = input_pipeline.create_train_iterator(config)
+    stack.callback(train_iter.close)
+    state, restored = _restore(manager, train_iter, state, workdir)
+    if jax.process_index() == 0:
+        # Written only now: a refused config or an unreadable run leaves the old one.
+        config_lib.save_config(config, workdir)
+        if restored and changes:
+            config_lib.record_config_changes(workdir, int(state.step), changes)
+            logging.warning(
+                "Resuming at step %d with a changed config (recorded in %s): %s",
+                int(state.step),
+                config_lib.CHANGES_FILE,
+                ", ".join(f"{f} {a!r} -> {b!r}" for f, a, b, _ in changes),
+            )
+    vgg_params = None
+    if config.loss.recon == "perceptual":
+        vgg_params = state_lib.replicate(perceptual.load_vgg16_params(config.loss.vgg16_weights))
+    return _Run(
+        config=config,
+        manager=manager,
+        train_iter=train_iter,
+        writer=stack.enter_context(_closing(summaries.SummaryWriter(workdir))),
+        p_train_step=step_lib.make_p_train_step(config, model),
+        vgg_params=vgg_params,
+        replicated=state_lib.replicate(state),
+        start_step=int(state.step),
+    )
+
+
+def _restore(manager, train_iter, state, workdir: str) -> tuple[state_lib.TrainState, bool]:
+    """`state` with the newest intact checkpoint's arrays (and the input position) if any."""
     restored, corrupt = checkpointing.restore_newest_intact(manager, jax.device_get(state), workdir)
     if corrupt:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("tusk_jax: corrupt checkpoints read")
-        checkpointing.set_aside(manager, workdir, corrupt, move=is_primary)
+        checkpointing.set_aside(manager, workdir, corrupt, move=jax.process_index() == 0)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("tusk_jax: corrupt checkpoints moved")
             manager.reload()
-    if restored is not None:
-        host_state, data_state, restored_step = restored
-        state = state.replace(**{f: getattr(host_state, f) for f in _PYTREE_FIELDS})
-        train_iter.set_state(data_state)
-        logging.info("Resumed from the checkpoint of step %d in %s.", restored_step, workdir)
-    start_step = int(state.step)
-    if is_primary:
-        # Written only now: a refused config or an unreadable run leaves the old one.
-        config_lib.save_config(config, workdir)
-        if restored is not None and changes:
-            config_lib.record_config_changes(workdir, start_step, changes)
-            logging.warning(
-                "Resuming at step %d with a changed config (recorded in %s): %s",
-                start_step,
-                config_lib.CHANGES_FILE,
-                ", ".join(f"{f} {a!r} -> {b!r}" for f, a, b, _ in changes),
-            )
+    if restored is None:
+        return state, False
+    host_state, data_state, restored_step = restored
+    state = state.replace(**{f: getattr(host_state, f) for f in _PYTREE_FIELDS})
+    train_iter.set_state(data_state)
+    logging.info("Resumed from the checkpoint of step %d in %s.", restored_step, workdir)
+    return state, True
 
-    vgg_params = None
-    if config.loss.recon == "perceptual":
-        vgg_params = state_lib.replicate(perceptual.load_vgg16_params(config.loss.vgg16_weights))
-    p_train_step = make_p_train_step(config, model)
-    replicated = state_lib.replicate(state)
-    writer = summaries.SummaryWriter(workdir)
-    write_images = _ImageSummaries(config, writer)
-    num_steps = config.train.num_steps
-    pending = None  # (step, device metrics): fetched one step late, not to stall dispatch
-    accumulated: list[dict[str, float]] = []
-    last_log_time = time.time()
 
-    def consume(step, device_metrics):
-        nonlocal last_log_time
-        host = {k: float(v) for k, v in state_lib.unreplicate(device_metrics).items()}
-        check_finite(step, host)
-        accumulated.append(host)
-        if step % config.train.log_every == 0 or step == num_steps:
-            means = {k: float(np.mean([m[k] for m in accumulated])) for k in accumulated[0]}
-            now = time.time()
-            means["steps_per_second"] = len(accumulated) / max(now - last_log_time, 1e-9)
-            means["learning_rate"] = state_lib.learning_rate_at(config, step - 1)
-            last_log_time = now
-            writer.write_scalars(step, means)
-            accumulated.clear()
-            bar.set_postfix(
-                recon=f"{means['loss/recon']:.4f}",
-                sw=f"{means.get('loss/sw', float('nan')):.3f}",
-                protos=int(means["prototypes_in_use"]),
-            )
-
-    def save(step, force=False):
-        host_state = state_lib.unreplicate(replicated)
-        checkpointing.save(manager, step, host_state, train_iter.get_state(), force=force)
-
+def _loop(run: _Run, stop: "_StopRequest") -> state_lib.TrainState:
+    """Steps until `train.num_steps` or a stop request; logs, draws and checkpoints on cadence."""
+    train = run.config.train
+    num_steps, replicated, pending = train.num_steps, run.replicated, None
+    write_images = _ImageSummaries(run.config, run.writer)
     with tqdm(
         total=num_steps,
-        initial=start_step,
+        initial=run.start_step,
         desc="train",
-        disable=not is_primary,
+        disable=jax.process_index() != 0,
         dynamic_ncols=True,
         mininterval=2.0,
     ) as bar:
-        step = start_step
+        log = _MetricLog(run.config, run.writer, bar)
+        step = run.start_step
         vote = distributed.StopVote()  # every process stops after the same step
         # One process: a signal during start-up (data, compilation) stops before the loop.
         stopping = jax.process_count() == 1 and stop.signal_name is not None
-        try:
-            while step < num_steps and not stopping:
-                batch = next(train_iter)
-                replicated, device_metrics = p_train_step(replicated, batch, vgg_params)
-                step += 1
-                if pending is not None:
-                    consume(*pending)
-                pending = (step, device_metrics)
-                bar.update(1)
-                if step % config.train.image_every == 0 or step == num_steps:
-                    if pending is not None:  # a NaN is reported before the figures read the step
-                        consume(*pending)
-                        pending = None
-                    _write_image_summaries(write_images, step, replicated, batch)
-                if step % config.train.checkpoint_every == 0 and step < num_steps:
-                    if (
-                        pending is not None
-                    ):  # never checkpoint a state whose losses were not checked
-                        consume(*pending)
-                        pending = None
-                    save(step)
-                vote.cast(stop.signal_name is not None)
-                stopping = vote.decided()
-            if pending is not None:
-                consume(*pending)
+        while step < num_steps and not stopping:
+            batch = next(run.train_iter)
+            replicated, device_metrics = run.p_train_step(replicated, batch, run.vgg_params)
+            step += 1
+            if pending is not None:  # fetched one step late, not to stall dispatch
+                log.add(*pending)
+            pending = (step, device_metrics)
+            bar.update(1)
+            # A NaN is reported before the figures read the step or a checkpoint keeps it.
+            if every(step, train.image_every, num_steps, True):
+                log.add(*pending)
                 pending = None
-        except NonFiniteError:
-            checkpointing.wait(manager)
-            _close_quietly(writer)
-            raise
-        except (checkpointing.CheckpointError, OSError):
-            _close_quietly(writer)  # the disk may be full: the first error is the one to report
-            raise
+                _write_image_summaries(write_images, step, replicated, batch)
+            if every(step, train.checkpoint_every, num_steps, False):
+                if pending is not None:
+                    log.add(*pending)
+                    pending = None
+                _save(run, replicated, step)
+            vote.cast(stop.signal_name is not None)
+            stopping = vote.decided()
+        if pending is not None:
+            log.add(*pending)
         if stopping:
             logging.warning(
                 "%s received: saving step %d and stopping.",
                 stop.signal_name or "Stop request of another process",
                 step,
             )
-        if step > start_step and manager.latest_step() != step:
-            save(step, force=True)
-    checkpointing.wait(manager)
-    manager.close()
-    writer.close()
+        if step > run.start_step and run.manager.latest_step() != step:
+            _save(run, replicated, step, force=True)
     return state_lib.unreplicate(replicated)
 
 
-def _close_quietly(writer) -> None:
-    """Closes the summary writer on an error path, ignoring its own write errors."""
+def _save(run: _Run, replicated, step: int, force: bool = False) -> None:
+    host_state = state_lib.unreplicate(replicated)
+    checkpointing.save(run.manager, step, host_state, run.train_iter.get_state(), force=force)
+
+
+class _MetricLog:
+    """Checks every step's metrics (NaN/Inf) and writes their means at the log cadence."""
+
+    def __init__(self, config: ml_collections.ConfigDict, writer, bar):
+        self.config, self.writer, self.bar = config, writer, bar
+        self.accumulated: list[dict[str, float]] = []
+        self.last_time = time.time()
+
+    def add(self, step: int, device_metrics) -> None:
+        host = {k: float(v) for k, v in state_lib.unreplicate(device_metrics).items()}
+        check_finite(step, host)
+        self.accumulated.append(host)
+        train = self.config.train
+        if not every(step, train.log_every, train.num_steps, True):
+            return
+        means = {k: float(np.mean([m[k] for m in self.accumulated])) for k in self.accumulated[0]}
+        now = time.time()
+        means["steps_per_second"] = len(self.accumulated) / max(now - self.last_time, 1e-9)
+        means["learning_rate"] = state_lib.learning_rate_at(self.config, step - 1)
+        self.last_time = now
+        self.writer.write_scalars(step, means)
+        self.accumulated.clear()
+        self.bar.set_postfix(
+            recon=f"{means['loss/recon']:.4f}",
+            sw=f"{means.get('loss/sw', float('nan')):.3f}",
+            protos=int(means["prototypes_in_use"]),
+        )
+
+
+@contextlib.contextmanager
+def _finishing_saves(manager):
+    """Waits for the last asynchronous save and closes the manager; after a NaN, only waits.
+
+    After a write error (disk full) nothing is waited for: the first error is
+    the one to report.
+    """
     try:
-        writer.close()
-    except OSError as error:
-        logging.debug("Closing the summary writer failed: %s", error)
+        yield manager
+    except NonFiniteError:
+        checkpointing.wait(manager)  # The last good checkpoint completes.
+        raise
+    checkpointing.wait(manager)
+    manager.close()
+
+
+@contextlib.contextmanager
+def _closing(writer):
+    """Closes the summary writer; on an error path ignoring its own write errors."""
+    try:
+        yield writer
+    except BaseException:
+        try:
+            writer.close()
+        except OSError as error:
+            logging.debug("Closing the summary writer failed: %s", error)
+        raise
+    writer.close()
 
 
 def _write_image_summaries(write_images, step: int, replicated, batch) -> None:

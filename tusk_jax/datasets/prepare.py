@@ -73,20 +73,28 @@ def build_config(
     return config
 
 
+# The dataset flags above, as `build_config` overrides.
+OVERRIDE_FLAGS = (
+    "manual_dir",
+    "data_dir",
+    "source",
+    "num_train",
+    "num_test",
+    "num_objects",
+    "image_size",
+)
+
+
+def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> ml_collections.ConfigDict:
+    """`build_config` from the parsed dataset flags (also read by tools.montage and benchmarks)."""
+    overrides = {name: flag_values[name].value for name in OVERRIDE_FLAGS}
+    return build_config(flag_values.config, flag_values.dataset, **overrides)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = build_config(
-        _CONFIG.value,
-        _DATASET.value,
-        manual_dir=_MANUAL_DIR.value,
-        data_dir=_DATA_DIR.value,
-        source=_SOURCE.value,
-        num_train=_NUM_TRAIN.value,
-        num_test=_NUM_TEST.value,
-        num_objects=_NUM_OBJECTS.value,
-        image_size=_IMAGE_SIZE.value,
-    )
+    config = config_from_flags()
     start = time.time()
     try:
         builder = datasets.prepare_dataset(config)

@@ -87,18 +87,7 @@ def render(batch: dict[str, np.ndarray], count: int, scale: int = 1) -> Image.Im
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    flag_values = flags.FLAGS
-    config = prepare.build_config(
-        flag_values.config,
-        flag_values.dataset,
-        manual_dir=flag_values.manual_dir,
-        data_dir=flag_values.data_dir,
-        source=flag_values.source,
-        num_train=flag_values.num_train,
-        num_test=flag_values.num_test,
-        num_objects=flag_values.num_objects,
-        image_size=flag_values.image_size,
-    )
+    config = prepare.config_from_flags()
     batch = next(input_pipeline.create_eval_iterator(config, _SPLIT.value, _NUM.value))
     count = int(batch["valid"].sum())
     image = render(batch, count, _SCALE.value)
