@@ -113,8 +113,18 @@ def quiet_library_logs() -> None:
         else:
             unraisable_hook(args)
 
+    def quiet_excepthook(kind, value, traceback):
+        # Callbacks of tensorstore writes still pending when a failed save closed
+        # orbax's event loop: one traceback each, after the error was reported.
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            logging.debug("Late tensorstore callback: %s", value)
+        else:
+            excepthook(kind, value, traceback)
+
+    excepthook = sys.excepthook
     threading.excepthook = quiet_thread_hook
     sys.unraisablehook = quiet_unraisable_hook
+    sys.excepthook = quiet_excepthook
 
 
 def _unknown_field(error: Exception, argv: list[str]) -> str:

@@ -551,14 +551,14 @@ def _train_and_evaluate(config, workdir, allow_config_change, stop) -> TrainStat
                 pending = (step, device_metrics)
                 bar.update(1)
                 if step % config.train.image_every == 0 or step == num_steps:
-                    if pending is not None:  # a NaN is reported before the figures read the step
+                    # A NaN is reported before the figures read the step.
+                    if pending is not None:
                         consume(*pending)
                         pending = None
                     _write_image_summaries(write_images, step, replicated, batch)
                 if step % config.train.checkpoint_every == 0 and step < num_steps:
-                    if (
-                        pending is not None
-                    ):  # never checkpoint a state whose losses were not checked
+                    # Never checkpoint a state whose losses were not checked.
+                    if pending is not None:
                         consume(*pending)
                         pending = None
                     save(step)
