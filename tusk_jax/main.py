@@ -151,6 +151,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv):
+    try:
+        _main(argv)
+    except KeyboardInterrupt:
+        sys.exit("tusk_jax.main: interrupted; the checkpoints saved are kept.")
+
+
+def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir.strip():
@@ -188,8 +195,6 @@ def main(argv):
             f"tusk_jax.main: cannot write {error.filename or FLAGS.workdir}: {error.strerror} "
             f"({errno.errorcode.get(error.errno, error.errno)})."
         )
-    except KeyboardInterrupt:
-        sys.exit("tusk_jax.main: interrupted by a second Ctrl-C; the checkpoints saved are kept.")
 
 
 if __name__ == "__main__":
