@@ -576,9 +576,11 @@ def _train_and_evaluate(config, workdir, allow_config_change, stop) -> TrainStat
             raise
         if stopping:
             logging.warning(
-                "%s received: saving step %d and stopping.",
+                "%s received: %s.",
                 stop.signal_name or "Stop request of another process",
-                step,
+                f"saving step {step} and stopping"
+                if step > start_step
+                else f"stopping before the first step (step {step} is already saved or untrained)",
             )
         if step > start_step and manager.latest_step() != step:
             save(step, force=True)
