@@ -83,7 +83,14 @@ def wait(manager) -> None:
     try:
         manager.wait_until_finished()
     except Exception as error:  # noqa: BLE001 - orbax raises what its threads raised
-        raise_write_error(error, str(manager.directory), "a checkpoint")
+        directory = str(manager.directory)
+        pending = sorted(
+            name.split(".")[0]
+            for name in os.listdir(directory)
+            if name.endswith(".orbax-checkpoint-tmp") and name.split(".")[0].isdigit()
+        )
+        what = f"the checkpoint of step {pending[-1]}" if pending else "a checkpoint"
+        raise_write_error(error, directory, what)
         raise
 
 

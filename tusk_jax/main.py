@@ -113,8 +113,18 @@ def quiet_library_logs() -> None:
         else:
             unraisable_hook(args)
 
+    def quiet_excepthook(kind, value, traceback):
+        # Callbacks of tensorstore writes still pending when a failed save closed
+        # orbax's event loop: one traceback each, after the error was reported.
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            logging.debug("Late tensorstore callback: %s", value)
+        else:
+            excepthook(kind, value, traceback)
+
+    excepthook = sys.excepthook
     threading.excepthook = quiet_thread_hook
     sys.unraisablehook = quiet_unraisable_hook
+    sys.excepthook = quiet_excepthook
 
 
 def _unknown_field(error: Exception, argv: list[str]) -> str:
@@ -141,6 +151,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv):
+    try:
+        _main(argv)
+    except KeyboardInterrupt:
+        sys.exit("tusk_jax.main: interrupted; the checkpoints saved are kept.")
+
+
+def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir.strip():
@@ -180,8 +197,6 @@ def main(argv):
             f"tusk_jax.main: cannot write {error.filename or FLAGS.workdir}: {error.strerror} "
             f"({errno.errorcode.get(error.errno, error.errno)})."
         )
-    except KeyboardInterrupt:
-        sys.exit("tusk_jax.main: interrupted by a second Ctrl-C; the checkpoints saved are kept.")
 
 
 if __name__ == "__main__":

@@ -256,9 +256,11 @@ def _loop(run: _Run, stop: "_StopRequest") -> state_lib.TrainState:
             log.add(*pending)
         if stopping:
             logging.warning(
-                "%s received: saving step %d and stopping.",
+                "%s received: %s.",
                 stop.signal_name or "Stop request of another process",
-                step,
+                f"saving step {step} and stopping"
+                if step > run.start_step
+                else f"stopping before the first step (step {step} is already saved or untrained)",
             )
         if step > run.start_step and run.manager.latest_step() != step:
             _save(run, replicated, step, force=True)
