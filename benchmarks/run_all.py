@@ -60,7 +60,7 @@ REPO = os.path.dirname(BENCHMARKS)
 sys.path.insert(0, REPO)  # configs/
 sys.path.insert(0, BENCHMARKS)  # train_step.py
 
-KINDS = ("train", "inference", "input")
+KINDS = ("train", "inference", "input", "memory")
 # Environment variables that make jax reuse compiled programs across processes.
 CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR",)
 # A 1-minute load average above this fraction of the usable cores at the start is reported.
@@ -130,15 +130,17 @@ ROWS = (
     Row("inference/mnist_hard", "inference", "mnist_hard", ""),
     Row("input/tetrominoes:cpu", "input", "tetrominoes", "cpu"),
     Row("input/mnist_hard:cpu", "input", "mnist_hard", "cpu"),
+    Row("memory/paper_configs", "memory", "", ""),
 )
 ROWS_BY_NAME = {row.name: row for row in ROWS}
-UNITS = {"train": "pairs/s", "inference": "images/s", "input": "examples/s"}
+UNITS = {"train": "pairs/s", "inference": "images/s", "input": "examples/s", "memory": "configs/s"}
 FIRST_CALL = {
     "train": "compile + first iteration",
     "inference": "compile + first detect call",
     "input": "iterator creation (loads the split) + first batch",
+    "memory": "lowering and compiling every config's step at two batches (not run)",
 }
-PER_CALL = {"train": "iteration", "inference": "detect call", "input": "batch"}
+PER_CALL = {"train": "iteration", "inference": "detect call", "input": "batch", "memory": "config"}
 
 
 def select_rows(only: list[str]) -> list[Row]:
@@ -345,10 +347,30 @@ def measure_input(
     }
 
 
+def measure_memory(quick: bool) -> dict:
+    """`benchmarks/memory.py`'s figures of every paper config (quick: two `:test` configs)."""
+    import memory
+
+    names = ("tetrominoes", "mnist_hard") if quick else memory.PAPER_CONFIGS
+    start = time.perf_counter()
+    configs = [memory.config_memory(name, "test" if quick else None) for name in names]
+    seconds = time.perf_counter() - start
+    return {
+        "setting": "XLA memory_analysis of the training step, "
+        + ("the :test configs" if quick else "every paper config"),
+        "first_call_s": seconds,
+        "ms_per_call": 1000 * seconds / len(configs),
+        "throughput": len(configs) / seconds,
+        "configs": configs,
+    }
+
+
 def measure(row: Row, settings: dict) -> dict:
     """Runs one row in this process; adds `peak_rss_mb` and the device count."""
     if row.kind == "train":
         result = measure_train(row, settings["quick"], settings["iterations"])
+    elif row.kind == "memory":
+        result = measure_memory(settings["quick"])
     elif row.kind == "inference":
         result = measure_inference(
             row,
@@ -468,6 +490,20 @@ def table_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def memory_table_lines(rows: list[dict]) -> list[str]:
+    """`benchmarks/memory.py`'s table of the memory row (with a blank line), or nothing."""
+    import memory
+
+    for row in rows:
+        if row["kind"] == "memory" and "error" not in row:
+            return [
+                "Device memory of the training step (XLA's memory_analysis on this backend):",
+                memory.markdown_table(row["configs"]),
+                "",
+            ]
+    return []
+
+
 def note_lines(
     rows: list[dict], settings: dict, compilation_cache: bool, machine: dict
 ) -> list[str]:
@@ -540,7 +576,8 @@ def run_all() -> int:
         f"{', '.join(machine['devices'])}",
     ]
     notes = note_lines(results, settings, compilation_cache, machine)
-    print("\n".join(header + [""] + table_lines(results) + [""] + notes))
+    memory_tables = memory_table_lines(results)
+    print("\n".join(header + [""] + table_lines(results) + [""] + memory_tables + notes))
     if _JSON_OUT.value:
         with open(_JSON_OUT.value, "w") as f:
             json.dump(

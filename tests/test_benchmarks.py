@@ -29,6 +29,7 @@ EXPECTED_ROWS = {
     "inference/mnist_hard": "images/s",
     "input/tetrominoes:cpu": "examples/s",
     "input/mnist_hard:cpu": "examples/s",
+    "memory/paper_configs": "configs/s",
 }
 # --quick: the :test configs' image sizes and batch (pairs per iteration, images per batch).
 TEST_SIZES = {"tetrominoes": 16, "mnist_hard": 32}
@@ -52,7 +53,8 @@ def parse_table(stdout):
     rows = {}
     for line in stdout.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if not line.startswith("| ") or cells[0] in ("measurement",):
+        # The main table only (the memory table's rows name `configs/<name>.py`).
+        if not line.startswith("| ") or cells[0] in ("measurement", "config") or "`" in cells[0]:
             continue
         name, setting, first, per_call, throughput, peak = cells
         value, unit = throughput.split(" ", 1)
@@ -107,6 +109,9 @@ def test_quick_run_prints_every_row_and_the_same_figures_as_json(tmp_path):
         # A process that imported jax holds well over 50 MB.
         assert row["peak_rss_mb"] > 50, row
 
+        if name == "memory/paper_configs":
+            check_memory_row(row, out)
+            continue
         # Each row ran on its dataset's :test config, and throughput = work per call / time.
         dataset = name.split("/")[1].split(":")[0]
         size = TEST_SIZES[dataset]
@@ -127,6 +132,22 @@ def test_quick_run_prints_every_row_and_the_same_figures_as_json(tmp_path):
     for note in figures["notes"]:
         assert note in out
     assert any(note.startswith("--quick:") for note in figures["notes"])
+
+
+def check_memory_row(row, out):
+    """--quick's memory row: two :test configs, consistent linear model, printed table."""
+    assert [c["config"] for c in row["configs"]] == ["tetrominoes", "mnist_hard"]
+    for config in row["configs"]:
+        assert config["per_pair_mb"] > 0 and config["fixed_gb"] > 0, config
+        probes = {int(b): p for b, p in config["probes"].items()}
+        assert probes[4] > probes[2] > 0  # More pairs, more memory.
+        fits = [config["max_batch"][gb] for gb in ("16", "40", "80")]
+        assert 0 < fits[0] <= fits[1] <= fits[2], fits
+        # The largest batch fits its budget and one more pair does not.
+        per_pair, fixed = config["per_pair_mb"] * 1e6, config["fixed_gb"] * 1e9
+        assert fixed + fits[0] * per_pair <= 16e9 < fixed + (fits[0] + 1) * per_pair
+        assert f"| `configs/{config['config']}.py` | " in out
+    assert row["throughput"] == pytest.approx(1000 / row["ms_per_call"], rel=1e-6)
 
 
 def test_input_row_at_the_cpu_config_uses_the_given_number_of_scenes(tmp_path):
