@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from tusk_jax import checkpointing, config_lib, evaluate, train
+from tusk_jax import checkpoint_integrity, checkpointing, config_lib, train, visualization
 from tusk_jax import state as state_lib
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
@@ -249,7 +249,7 @@ def test_resume_after_corruption_retrains_the_same_weights(
     def broken_figures(*args, **kwargs):
         raise ValueError("Input X contains NaN (figure failure injected by the test)")
 
-    monkeypatch.setattr(evaluate, "make_figures", broken_figures)
+    monkeypatch.setattr(visualization, "make_figures", broken_figures)
     final = train.train_and_evaluate(config, workdir)
     assert int(final.step) == 4
     assert _params_equal(final.params, expected.params)
@@ -276,7 +276,7 @@ def test_unwritable_workdir_is_refused_at_start(trained_tetrominoes, tmp_path, m
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(checkpointing, "open", read_only_open, raising=False)
+    monkeypatch.setattr(checkpoint_integrity, "open", read_only_open, raising=False)
     workdir = tmp_path / "run"
     with pytest.raises(checkpointing.CheckpointWriteError) as info:
         train.train_and_evaluate(config, str(workdir))
