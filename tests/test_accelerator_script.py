@@ -20,7 +20,7 @@ def test_dry_run_writes_every_figure(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -28,15 +28,9 @@ def test_dry_run_writes_every_figure(tmp_path):
     assert "FAILED" not in summary
     for name in ("quick_tests", "memory", "learning_curve"):
         assert f"- {name}: ok in " in summary, summary
-    # One timing line per paper config, each with its step time.
+    # One timing line per config (the dry run times two), each with its step time.
     times = (out / "step_times.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in times] == [
-        "mnist_hard",
-        "tetrominoes",
-        "clevr6",
-        "celeba_wild",
-        "h36m",
-    ]
+    assert [line.split(":")[0] for line in times] == ["mnist_hard", "tetrominoes"]
     assert all("ms/iteration" in line for line in times)
     memory = json.loads((out / "memory.json").read_text())
     assert [row["config"] for row in memory] == ["tetrominoes", "mnist_hard"]
