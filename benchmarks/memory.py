@@ -5,7 +5,7 @@ r"""Device memory of the compiled training step, from XLA, and the largest batch
   python benchmarks/memory.py --variant=test --configs=tetrominoes   # a smoke run
 
 For each paper config (`configs/<name>.py`, no variant) the training step
-(`tusk_jax.train.train_step` under `pmap` on one device: TPS pairs, the
+(`tusk_jax.step.train_step` under `pmap` on one device: TPS pairs, the
 encoder/decoder step, the prototype steps) is lowered and compiled for two
 per-device batches, without running it, and XLA's `compiled.memory_analysis()`
 gives its buffers: arguments (state, images), outputs, aliased (donated)
@@ -38,7 +38,9 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
-from tusk_jax import models, perceptual, train  # noqa: E402
+from tusk_jax import models, perceptual  # noqa: E402
+from tusk_jax import state as state_lib  # noqa: E402
+from tusk_jax import step as step_lib  # noqa: E402
 
 PAPER_CONFIGS = ("mnist_hard", "tetrominoes", "clevr6", "celeba", "h36m")
 # Data-parallel workers of the release's runs: the paper config's global batch
@@ -61,8 +63,8 @@ def step_memory_bytes(config: ml_collections.ConfigDict, per_device_batch: int) 
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.train.batch_size = per_device_batch
-    model = models.TUSK(config.model)
-    state = jax.eval_shape(lambda: train.create_train_state(config, model))
+    model = models.create_model(config)
+    state = jax.eval_shape(lambda: state_lib.create_train_state(config, model))
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), state)
     size = int(config.dataset.image_size)
     images = jax.ShapeDtypeStruct((1, per_device_batch, size, size, 3), np.float32)
@@ -72,7 +74,7 @@ def step_memory_bytes(config: ml_collections.ConfigDict, per_device_batch: int) 
             lambda x: jax.ShapeDtypeStruct((1, *np.shape(x)), np.asarray(x).dtype),
             perceptual.init_vgg16_params(jax.random.PRNGKey(0)),
         )
-    step = train.make_p_train_step(config, model)
+    step = step_lib.make_p_train_step(config, model)
     analysis = step.lower(state, images, vgg).compile().memory_analysis()
     sizes = {
         "argument": analysis.argument_size_in_bytes,

@@ -10,7 +10,7 @@ Run it from the repository root on a quiet machine. It prints the machine
 table row per measurement (`ROWS`):
 
 - `train/...`: `benchmarks/train_step.py`'s `time_train_step` (TPS pairs +
-  encoder/decoder Adam step + prototype steps, `tusk_jax.train.train_step`
+  encoder/decoder Adam step + prototype steps, `tusk_jax.step.train_step`
   over all local devices, random images in memory) at the reference's MNIST
   setting (`configs/mnist_hard.py`, 4 pairs), its Tetrominoes setting
   (`configs/tetrominoes.py`, 2 pairs) and the `:cpu` variants at their own
@@ -21,7 +21,7 @@ table row per measurement (`ROWS`):
   checkpoint or `model.init` compile is needed). First call = compile + first
   `detect` call; ms per call of `--inference_images` images; images/s.
 - `input/...`: the training iterator (`tusk_jax.input_pipeline`, as
-  `python -m tusk_jax.datasets.benchmark` times it) at the `:cpu` configs on
+  `python benchmarks/input_throughput.py` times it) at the `:cpu` configs on
   `--input_num_train` generated scenes (not the configs' 50K, to keep the run
   short) in `--data_dir` or a temporary folder. First call = iterator
   creation (loading the split) + first batch; ms per batch; examples/s.
@@ -254,7 +254,7 @@ def random_weights(config: ml_collections.ConfigDict, seed: int = 0) -> tuple[di
     """
     from tusk_jax import models
 
-    model = models.TUSK(config.model)
+    model = models.create_model(config)
     size = int(config.dataset.image_size)
     abstract = jax.eval_shape(
         model.init, jax.random.PRNGKey(seed), jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
@@ -306,7 +306,7 @@ def measure_inference(
 def measure_input(
     row: Row, quick: bool, num_batches: int, num_train: int, data_dir: str | None
 ) -> dict:
-    """Training-iterator throughput on generated data (`tusk_jax.datasets.benchmark`'s way)."""
+    """Training-iterator throughput on generated data (`benchmarks/input_throughput.py`'s way)."""
     from tusk_jax import datasets, input_pipeline
 
     config = load_config(row, quick)

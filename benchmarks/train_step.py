@@ -4,11 +4,11 @@
   python benchmarks/train_step.py --config=configs/tetrominoes.py --batch_size=2
 
 One iteration = TPS pair making + one encoder/decoder Adam step + its
-`num_prototype_steps` prototype steps, exactly `tusk_jax.train.train_step`
+`num_prototype_steps` prototype steps, exactly `tusk_jax.step.train_step`
 over all local devices. A pair is the two images (I1, I2) made from one
 input image; `--batch_size` counts pairs (global). Inputs are random images
 already in memory: this measures the step, not the input pipeline
-(`python -m tusk_jax.datasets.benchmark` does that). Prints one line per run.
+(`python benchmarks/input_throughput.py` does that). Prints one line per run.
 
 `time_train_step(config, batch_size, iterations)` is the measurement itself,
 imported by `benchmarks/run_all.py`.
@@ -28,7 +28,9 @@ from ml_collections import config_flags
 sys.path.insert(0, ".")  # configs/ from the repository root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tusk_jax import models, train  # noqa: E402
+from tusk_jax import models  # noqa: E402
+from tusk_jax import state as state_lib  # noqa: E402
+from tusk_jax import step as step_lib  # noqa: E402
 
 
 def peak_memory_mb() -> float:
@@ -54,7 +56,7 @@ def describe_setting(config: ml_collections.ConfigDict) -> str:
 def time_train_step(
     config: ml_collections.ConfigDict, batch_size: int | None = None, iterations: int = 10
 ) -> dict:
-    """Compiles and times `train.make_p_train_step(config, ...)` on random images.
+    """Compiles and times `step.make_p_train_step(config, ...)` on random images.
 
     Args:
       config: a TUSK config (not modified).
@@ -78,9 +80,9 @@ def time_train_step(
         raise ValueError(
             f"batch_size={pairs} pairs must be a multiple of the {devices} local devices."
         )
-    model = models.TUSK(config.model)
-    state = train.replicate(train.create_train_state(config, model))
-    step = train.make_p_train_step(config, model)
+    model = models.create_model(config)
+    state = state_lib.replicate(state_lib.create_train_state(config, model))
+    step = step_lib.make_p_train_step(config, model)
     size = config.dataset.image_size
     rng = np.random.default_rng(0)
     batches = [

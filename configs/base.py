@@ -143,10 +143,8 @@ VARIANTS = ("", "cpu", "test")
 def cpu_overrides(**extra) -> dict:
     """The `:cpu` variant's common part: about an hour on a 2-core CPU.
 
-    A quarter of the paper's widths (base_width 16: ~1/4 of the FLOPs per
-    pixel), 8 pairs per step, the encoder/decoder learning rate 3e-3 (measured
-    in the README's "Results at CPU scale") and the prototypes' 0.1 (one
-    worker's, unscaled). Every checkpoint (each 250 steps) is kept for
+    A quarter of the paper's widths, 8 pairs per step, learning rates 3e-3 and
+    0.1 (one worker's, unscaled); every checkpoint (each 250 steps) is kept for
     `tusk_jax.learning_curve`. Each dataset adds its image size, window and
     step count.
     """

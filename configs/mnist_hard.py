@@ -33,9 +33,7 @@ def get_config(variant: str | None = None):
     return base.finalize(
         config,
         variant,
-        # :cpu: the paper's image size (digits must stay ~20 px), a quarter of
-        # the widths, 8 pairs per step, lr 3e-3 (base). 1000 steps: under an
-        # hour on the 2-core development machine (README "Results at CPU scale").
+        # :cpu: the paper's image size (digits must stay ~20 px).
         cpu=base.cpu_overrides(**{"dataset.num_test": 2000, "train.num_steps": 1000}),
         test=base.test_overrides(
             **{"dataset.image_size": 32, "dataset.num_objects": 4, "model.num_keypoints": 4}

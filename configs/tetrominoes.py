@@ -33,15 +33,9 @@ def get_config(variant: str | None = None):
     return base.finalize(
         config,
         variant,
-        # :cpu: 40x40 (8 x 5, the closest U-Net-friendly size to the native 35),
-        # a quarter of the widths, 8 pairs: ~10x fewer FLOPs per pair than the
-        # paper. M = 32 < the 48 descriptors of a batch: with M = 114 > 48 most
-        # prototypes never receive a descriptor and the mixture collapses at this
-        # batch size (measured with the reference, see issue 7; likely cause: the
-        # reference's rounding of the mixture counts, loss.sw_count_rounding: the
-        # README's M = 114 run at 20 pairs). lr 3e-3 (base).
-        # 2000 steps: under an hour on the 2-core development machine (results
-        # and timing: README "Results at CPU scale").
+        # :cpu: 40x40 (the U-Net-friendly size nearest the native 35). M = 32,
+        # fewer than the 48 descriptors of an 8-pair batch (M = 114 would leave
+        # most prototypes without a descriptor).
         cpu=base.cpu_overrides(
             **{
                 "dataset.image_size": 40,

@@ -31,7 +31,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def trained_tetrominoes(tmp_path_factory, worker_id):
-    """`(config, workdir)`: tetrominoes:test trained by `train_and_evaluate` (4 steps).
+    """`(config, workdir)`: tetrominoes:test trained by `train.fit` (4 steps).
 
     Trained once per test run: the xdist workers share one folder and a file
     lock, so whichever worker comes first trains and the others reuse it.
@@ -49,5 +49,15 @@ def trained_tetrominoes(tmp_path_factory, worker_id):
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (workdir / "checkpoints" / str(config.train.num_steps)).is_dir():
             shutil.rmtree(workdir, ignore_errors=True)
-            train.train_and_evaluate(config, str(workdir))
+            train.fit(config, str(workdir))
     return config, str(workdir)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `faults_slow` run only when selected: `pytest -m faults_slow`."""
+    if "faults_slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="long fault injection: run with -m faults_slow")
+    for item in items:
+        if "faults_slow" in item.keywords:
+            item.add_marker(skip)

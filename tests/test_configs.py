@@ -84,3 +84,22 @@ def test_saved_config_round_trip(tmp_path):
     assert loaded.to_dict() == config.to_dict()
     with pytest.raises(FileNotFoundError, match="config.json"):
         config_lib.load_config(str(tmp_path / "nowhere"))
+
+
+def test_an_old_run_loads_with_its_values_then_the_base_defaults(tmp_path):
+    """Fields an old config.json lacks: the value it was trained with, else the base default."""
+    import json
+
+    config = get_config("tetrominoes", "test")
+    saved = config.to_dict()
+    del saved["model"]["init"]  # Has a legacy value: old runs were trained with lecun.
+    del saved["model"]["head_groups"]  # Was model.num_groups.
+    del saved["train"]["max_to_keep"]  # No legacy value: the base default.
+    del saved["loss"]["sw_weight"]
+    with open(tmp_path / config_lib.CONFIG_FILE, "w") as f:
+        json.dump(saved, f)
+    loaded = config_lib.load_config(str(tmp_path))
+    assert loaded.model.init == config_lib.LEGACY_VALUES["model.init"] == "lecun"
+    assert loaded.model.head_groups == config.model.num_groups
+    assert loaded.train.max_to_keep == 3 and loaded.loss.sw_weight == 1.0
+    assert loaded.model.num_prototypes == config.model.num_prototypes  # Saved values kept.

@@ -498,7 +498,7 @@ def test_h36m_reader_splits_crop_and_back_facing(tmp_path):
 
 
 def test_montage_draws_boxes_and_masks():
-    from tusk_jax.datasets import montage
+    from tusk_jax.tools import montage
 
     batch = {
         "image": np.zeros((2, 10, 10, 3), np.float32),
@@ -518,3 +518,42 @@ def test_scale_points_pixel_centres():
     # Width 4 -> 2 (x halves about the image edge), height 4 -> 8 (y doubles).
     out = common.scale_points(np.array([[0.0, 0.0], [3.0, 1.0]]), (4, 4), (8, 2))
     np.testing.assert_allclose(out, [[-0.25, 0.5], [1.25, 2.5]])
+
+
+def test_every_registered_dataset_declares_what_the_registry_needs():
+    import importlib
+    import inspect
+
+    from tusk_jax import evaluators
+    from tusk_jax.datasets import common
+
+    assert datasets.names() == (
+        "mnist_hard",
+        "tetrominoes",
+        "clevr6",
+        "clevr10",
+        "celeba_wild",
+        "h36m",
+    )
+    for name in datasets.names():
+        info, module = datasets.registry()[name]
+        assert isinstance(info, common.DatasetInfo) and info.name == name
+        assert callable(module.make_builder) and callable(module.preprocess)
+        assert list(inspect.signature(module.preprocess).parameters)[:3] == [
+            "batch",
+            "image_size",
+            "with_labels",
+        ]
+        assert info.task in common.TASKS
+        assert {"train", "test"} <= set(info.splits)
+        evaluator = evaluators.evaluator_class(info.task)
+        if evaluator.fit_split is not None:
+            assert evaluator.fit_split in info.splits
+        inspect.signature(evaluator).bind(6, 16, 0, **info.evaluator_options)
+        assert set(info.split_aliases) <= set(info.splits)
+        assert set(info.split_aliases.values()) <= set(info.splits)
+        config = importlib.import_module(f"configs.{info.config}").get_config("test")
+        assert datasets.get_info(config.dataset.name).task == info.task
+        assert info.paper and all(row.metric and row.label for row in info.paper)
+        if info.generator_source is not None:
+            assert info.generator and info.generator_source in common.SOURCES

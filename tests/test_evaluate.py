@@ -21,6 +21,8 @@ from PIL import Image
 
 from configs import mnist_hard, tetrominoes
 from tusk_jax import checkpointing, config_lib, evaluate, inference, input_pipeline
+from tusk_jax.evaluators import landmarks as landmark_protocol
+from tusk_jax.evaluators import multi_instance
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +128,7 @@ def test_clear_errors(run, tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
         evaluate.evaluate(None, str(tmp_path))
     # The config the run was trained with is accepted.
-    assert inference.resolve_config(workdir, config).model.to_dict() == config.model.to_dict()
+    assert checkpointing.resolve_config(workdir, config).model.to_dict() == config.model.to_dict()
 
 
 def test_num_objects_evaluates_generated_scenes_with_that_many_pieces(run):
@@ -199,7 +201,7 @@ def test_detector_of_another_model_is_refused(run):
     other = tetrominoes.get_config("test")
     with other.unlocked():
         other.model.feature_dim = 16
-    state = inference.state_template(other)
+    state = checkpointing.state_template(other)
     detector = inference.Detector(other, state.params, state.prototypes)
     with pytest.raises(ValueError, match=r"detector(.|\n)*model.feature_dim: 16"):
         evaluate.evaluate(None, workdir, detector=detector, progress=False)
@@ -244,7 +246,7 @@ def test_mnist_hard_untrained_checkpoint_end_to_end(tmp_path):
             if np.issubdtype(x.dtype, np.floating)
             else x
         ),
-        inference.state_template(config),
+        checkpointing.state_template(config),
     )
     os.makedirs(workdir)
     config_lib.save_config(config, workdir)
@@ -279,7 +281,7 @@ def test_mnist_hard_untrained_checkpoint_end_to_end(tmp_path):
 # --- Parts, on synthetic outputs ------------------------------------------------------
 
 
-def test_accumulator_multi_instance_scores_perfect_and_missed_detections():
+def test_multi_instance_evaluator_scores_perfect_and_missed_detections():
     centers = np.array([[[10.0, 10.0], [50.0, 50.0], [30.0, 60.0]]])
     labels = np.array([[3, 7, -1]])  # The third digit is padding.
     batch = {
@@ -298,13 +300,13 @@ def test_accumulator_multi_instance_scores_perfect_and_missed_detections():
             "reconstruction": np.zeros((1, 80, 80, 3), np.float32),
         }
 
-    acc = evaluate.MetricAccumulator("multi_instance", 10, 80, tsne_points=0)
+    acc = multi_instance.MultiInstanceEvaluator(10, 80, tsne_points=0)
     acc.add(batch, outputs([[[50.0, 51.0], [11.0, 10.0]]], [[7, 3]]))
-    found = acc.results()
+    found = acc.result()
     assert found["localization"] == 1.0 and found["both_hungarian"] == 1.0
-    acc = evaluate.MetricAccumulator("multi_instance", 10, 80, tsne_points=0)
+    acc = multi_instance.MultiInstanceEvaluator(10, 80, tsne_points=0)
     acc.add(batch, outputs([[[70.0, 10.0], [11.0, 10.0]]], [[7, 5]]))  # One 20 px off.
-    found = acc.results()
+    found = acc.result()
     assert found["localization"] == 0.5 and found["classification_hungarian"] == 1.0
 
 
@@ -316,10 +318,9 @@ def test_landmark_results_recover_a_linear_layout():
     # One keypoint per landmark, each with its own prototype: a linear map exists.
     arrays = {"keypoints": landmarks + 0.0, "prototype": np.tile(np.arange(t), (n, 1))}
     arrays["landmarks"] = landmarks
-    config = mnist_hard.get_config("test")
-    with config.unlocked():
-        config.dataset.name = "celeba_wild"
-    found = evaluate.landmark_results(config, arrays, arrays, num_prototypes=t)
+    found = landmark_protocol.regression_results(
+        arrays, arrays, num_prototypes=t, normalizer="inter_ocular"
+    )
     assert found["forward_error"] == pytest.approx(0.0, abs=1e-6)
     assert found["nmi"] == pytest.approx(1.0)
 

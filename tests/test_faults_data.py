@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from configs import tetrominoes as tetrominoes_config
-from tusk_jax import datasets, detect, inference, models
+from tusk_jax import datasets, detect, image_files, inference, models
 from tusk_jax.datasets import celeba_wild, mnist_hard, tetrominoes
 
 
@@ -303,7 +303,7 @@ def test_mid_grey_of_any_bit_depth_reads_as_mid_grey(tmp_path, kind, note):
         Image.fromarray(np.full((6, 7), 32768, np.uint16)).save(path)
     else:
         Image.fromarray(np.full((6, 7), 0.5, np.float32)).save(path)
-    read = detect.read_image(path)
+    read = image_files.read_image(path)
     assert read.image.shape == (6, 7, 3) and (read.width, read.height) == (7, 6)
     np.testing.assert_array_equal(read.image, 128)  # Was 255 (clipped) or 0.
     assert read.pixel_values == note
@@ -312,13 +312,13 @@ def test_mid_grey_of_any_bit_depth_reads_as_mid_grey(tmp_path, kind, note):
 def test_float_tiff_outside_0_1_is_stretched_and_nan_refused(tmp_path):
     ramp = np.linspace(-50.0, 950.0, 6 * 7, dtype=np.float32).reshape(6, 7)
     Image.fromarray(ramp).save(tmp_path / "ramp.tiff")
-    read = detect.read_image(str(tmp_path / "ramp.tiff"))
+    read = image_files.read_image(str(tmp_path / "ramp.tiff"))
     assert read.image.min() == 0 and read.image.max() == 255
     assert read.pixel_values == "float in [-50, 950]: stretched to [0, 255]"
     ramp[2, 3] = np.nan
     Image.fromarray(ramp).save(tmp_path / "nan.tiff")
     with pytest.raises(ValueError, match="non-finite"):
-        detect.read_image(str(tmp_path / "nan.tiff"))
+        image_files.read_image(str(tmp_path / "nan.tiff"))
 
 
 def test_a_16_bit_png_is_detected_and_drawn_mid_grey(detector, tmp_path):
@@ -336,7 +336,7 @@ def test_a_16_bit_png_is_detected_and_drawn_mid_grey(detector, tmp_path):
 def test_a_huge_image_is_downscaled_while_still_8_bit(big_png, tmp_path):
     tracemalloc.start()
     try:
-        read = detect.read_image(big_png, max_pixels=64 * 64)
+        read = image_files.read_image(big_png, max_pixels=64 * 64)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -349,7 +349,7 @@ def test_a_huge_image_is_downscaled_while_still_8_bit(big_png, tmp_path):
     )
     # A JPEG is decoded at 1/8 scale when that is enough.
     Image.new("RGB", (2400, 1600), (10, 20, 30)).save(tmp_path / "big.jpg", quality=95)
-    read = detect.read_image(str(tmp_path / "big.jpg"), max_pixels=300 * 200)
+    read = image_files.read_image(str(tmp_path / "big.jpg"), max_pixels=300 * 200)
     assert read.image.shape == (200, 300, 3) and (read.width, read.height) == (2400, 1600)
 
 

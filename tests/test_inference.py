@@ -175,7 +175,7 @@ def random_state(config, seed=0):
             return (0.2 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
         return leaf
 
-    return jax.tree.map(fill, inference.state_template(config))
+    return jax.tree.map(fill, checkpointing.state_template(config))
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +286,7 @@ def test_a_config_of_another_model_is_refused(saved_run):
     same = tetrominoes.get_config("test")
     with same.unlocked():
         same.dataset.data_dir = "/elsewhere"  # Data paths may differ.
-    assert inference.resolve_config(workdir, same).dataset.data_dir == "/elsewhere"
+    assert checkpointing.resolve_config(workdir, same).dataset.data_dir == "/elsewhere"
 
 
 def test_checkpoint_that_does_not_fit_the_saved_config(saved_run, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from absl import app, flags
 from PIL import Image
 
-from tusk_jax import evaluate, inference, learning_curve, summaries
+from tusk_jax import checkpointing, evaluate, inference, learning_curve, summaries
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def run_copy(trained_tetrominoes, tmp_path):
 def test_curve_of_every_kept_step_equals_evaluate_and_reruns_skip_done_steps(run_copy, monkeypatch):
     config, workdir = run_copy
     assert learning_curve.kept_steps(workdir) == [2, 4]
-    template = inference.state_template(config)  # Weights come from each step's checkpoint.
+    template = checkpointing.state_template(config)  # Weights come from each step's checkpoint.
     detector = inference.Detector(config, template.params, template.prototypes)
     evaluated_steps = []
     real_evaluate = evaluate.evaluate

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs.base import get_base_config
-from tusk_jax.models import TUSK
+from tusk_jax.models import TUSK, ModelConfig, create_model
 
 SIZE = 16
 BATCH = 2
@@ -98,7 +98,7 @@ def test_parameter_counts(c, depth, mode, pinned):
     config.model.num_groups = 4
     config.model.decoder_mode = mode
     shapes = jax.eval_shape(
-        TUSK(config.model).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.float32)
+        create_model(config).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.float32)
     )
     assert set(shapes) == {"params"}
     assert set(shapes["params"]) == {"encoder", "decoder"}
@@ -109,9 +109,11 @@ def test_parameter_counts(c, depth, mode, pinned):
 
 
 def test_whole_config_is_accepted(plain_run):
-    """TUSK(config) reads config.model: same parameters as TUSK(config.model)."""
+    """create_model reads config.model: same fields and parameters as from config.model."""
     _, _, variables, _ = plain_run
-    shapes = jax.eval_shape(TUSK(small_config()).init, init_key(1), images())
+    config = small_config()
+    assert ModelConfig.from_config(config) == ModelConfig.from_config(config.model)
+    shapes = jax.eval_shape(create_model(config).init, init_key(1), images())
     assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, variables)
 
 
@@ -125,7 +127,7 @@ def init_key(seed):
 
 
 def build(mode):
-    model = TUSK(small_config(mode).model)
+    model = create_model(small_config(mode))
     variables = jax.jit(model.init)(init_key(1), images())
     out = jax.jit(model.apply)(variables, images())
     return mode, model, variables, jax.tree.map(np.asarray, out)
@@ -240,7 +242,7 @@ def test_extract_reads_peaks_and_features(border, sampling):
     config = small_config()  # window 5, temperature 0.2
     config.model.soft_argmax_border = border
     config.model.descriptor_sampling = sampling
-    model = TUSK(config.model)
+    model = create_model(config)
     score = np.zeros((1, SIZE, SIZE), np.float32)
     # (x, y) and value; the corner peak's window is clipped by the border.
     peaks = [((3, 12), 1.0), ((10, 4), 0.9), ((0, 0), 0.8)]
@@ -303,14 +305,14 @@ def test_group_norm_groups_and_pytorch_init():
 
     assert [stage_groups(32, w) for w in (8, 16, 32, 64)] == [8, 16, 32, 32]
     config = small_config()
-    variables = jax.jit(TUSK(config.model).init)(jax.random.key(0), images())
+    variables = jax.jit(create_model(config).init)(jax.random.key(0), images())
     kernel = np.asarray(variables["params"]["encoder"]["unet"]["down0"]["conv0"]["kernel"])
     bias = np.asarray(variables["params"]["encoder"]["unet"]["down0"]["conv0"]["bias"])
     bound = 1 / np.sqrt(3 * 3 * 3)  # fan_in of a 3x3 conv on RGB.
     assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.9 * bound
     assert np.abs(bias).max() <= bound and np.abs(bias).max() > 0.5 * bound
     config.model.init = "lecun"
-    variables = jax.jit(TUSK(config.model).init)(jax.random.key(0), images())
+    variables = jax.jit(create_model(config).init)(jax.random.key(0), images())
     assert not np.any(variables["params"]["encoder"]["unet"]["down0"]["conv0"]["bias"])
 
 
@@ -341,7 +343,7 @@ def test_reconstruction_gradient_reaches_encoder(plain_run):
 def test_image_size_not_divisible_raises():
     config = small_config()
     config.model.depth = 3  # Sides must be multiples of 4.
-    model = TUSK(config.model)
+    model = create_model(config)
     with pytest.raises(ValueError, match=r"18x16.*2\*\*\(depth-1\) = 4.*depth 3"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 18, 16, 3)))
 
@@ -360,4 +362,4 @@ def test_bad_config_raises(field, value, message):
     config = small_config()
     config.model[field] = value
     with pytest.raises(ValueError, match=message):
-        jax.eval_shape(TUSK(config.model).init, jax.random.key(0), images())
+        jax.eval_shape(create_model(config).init, jax.random.key(0), images())

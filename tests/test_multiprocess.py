@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import pytest
 
-from tusk_jax import checkpointing, config_lib, distributed, evaluate, inference, summaries
+from tusk_jax import checkpointing, config_lib, distributed, evaluate, summaries
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -67,7 +67,7 @@ def run_local(args: list[str], timeout: int = 900) -> subprocess.CompletedProces
 
 
 def restore_with_data(workdir: str, config) -> tuple:
-    template = inference.state_template(config)
+    template = checkpointing.state_template(config)
     manager = checkpointing.create_manager(workdir, use_async=False)
     try:
         return checkpointing.restore(manager, template)
@@ -212,15 +212,17 @@ def test_local_sh_stops_the_others_when_one_process_fails(tmp_path):
 
 
 def test_batch_split_in_one_process(monkeypatch):
+    from tusk_jax import config_lib
+
     assert distributed.device_layout() == {0: 2}
-    assert distributed.check_batch_split(4) == 2
+    assert config_lib.check_batch_split(4) == 2
     with pytest.raises(ValueError, match=r"over the 2 devices \(1 process\(es\) x 2 device"):
-        distributed.check_batch_split(3)
+        config_lib.check_batch_split(3)
     with pytest.raises(ValueError, match="use a multiple of 2"):
-        distributed.check_batch_split(0)
+        config_lib.check_batch_split(0)
     monkeypatch.setattr(distributed, "device_layout", lambda: {0: 2, 1: 1})
     with pytest.raises(ValueError, match="same number of devices.*process 0: 2, process 1: 1"):
-        distributed.check_batch_split(6)
+        config_lib.check_batch_split(6)
 
 
 SLURM_STEP = {
@@ -233,17 +235,17 @@ SLURM_STEP = {
 
 
 def test_detect_cluster_from_the_environment():
-    assert distributed.detect_cluster({}) is None
-    assert distributed.detect_cluster(SLURM_STEP) == "slurm"
+    assert distributed.cluster_launcher({}) is None
+    assert distributed.cluster_launcher(SLURM_STEP) == "slurm"
     # One task (an allocation of one, `srun -n 1`) or no step node list: one process.
-    assert distributed.detect_cluster({**SLURM_STEP, "SLURM_NTASKS": "1"}) is None
-    assert distributed.detect_cluster({**SLURM_STEP, "SLURM_STEP_NUM_TASKS": "1"}) is None
+    assert distributed.cluster_launcher({**SLURM_STEP, "SLURM_NTASKS": "1"}) is None
+    assert distributed.cluster_launcher({**SLURM_STEP, "SLURM_STEP_NUM_TASKS": "1"}) is None
     assert (
-        distributed.detect_cluster({k: SLURM_STEP[k] for k in SLURM_STEP if "STEP" not in k})
+        distributed.cluster_launcher({k: SLURM_STEP[k] for k in SLURM_STEP if "STEP" not in k})
         is None
     )
     ompi = {"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}
-    assert distributed.detect_cluster(ompi) == "openmpi"
+    assert distributed.cluster_launcher(ompi) == "openmpi"
 
 
 def test_initialize_only_when_multi_process(monkeypatch):

@@ -16,6 +16,8 @@ import pytest
 
 from configs import tetrominoes
 from tusk_jax import checkpointing, models, summaries, train
+from tusk_jax import state as state_lib
+from tusk_jax import step as step_lib
 
 IMAGE_SIZE = 16
 
@@ -59,6 +61,9 @@ class FakeTrainIterator:
     def set_state(self, state):
         self.position = state["position"]
 
+    def close(self):
+        pass
+
 
 def make_config(**train_overrides):
     config = tetrominoes.get_config("test")
@@ -84,44 +89,45 @@ def fake_data(monkeypatch):
 def compiled_step(device_count):
     """The :test config's step, pmapped over the first `device_count` devices, and a trace count."""
     config = make_config()
-    model = models.TUSK(config.model)
+    model = models.create_model(config)
+    step_config = step_lib.StepConfig.from_config(config, model)
     traces = []
 
     def counted(state, images, vgg):
         traces.append(1)
-        return train.train_step(state, images, vgg, model=model, config=config)
+        return step_lib.train_step(state, images, vgg, cfg=step_config)
 
-    step = jax.pmap(counted, axis_name=train.AXIS, devices=jax.devices()[:device_count])
+    step = jax.pmap(counted, axis_name=step_lib.AXIS, devices=jax.devices()[:device_count])
     return config, model, step, traces
 
 
 def run_steps(device_count, num_steps, seed=0):
     config, model, step, _ = compiled_step(device_count)
-    state = train.replicate(
-        train.create_train_state(config, model), devices=jax.devices()[:device_count]
+    state = state_lib.replicate(
+        state_lib.create_train_state(config, model), devices=jax.devices()[:device_count]
     )
     history = []
     for i in range(num_steps):
         images = squares(seed + i, config.train.batch_size)
         state, metrics = step(state, images.reshape(device_count, -1, *images.shape[1:]), None)
-        history.append(train.unreplicate(metrics))
-    return jax.device_get(train.unreplicate(state)), history
+        history.append(state_lib.unreplicate(metrics))
+    return jax.device_get(state_lib.unreplicate(state)), history
 
 
 def test_steps_lower_reconstruction_and_move_prototypes():
     config, model, step, traces = compiled_step(2)
-    initial = train.create_train_state(config, model)
-    state = train.replicate(initial)
+    initial = state_lib.create_train_state(config, model)
+    state = state_lib.replicate(initial)
     images = squares(0, config.train.batch_size).reshape(2, -1, IMAGE_SIZE, IMAGE_SIZE, 3)
     recon = []
     for _ in range(12):  # one fixed batch: the loss must go down
         state, metrics = step(state, images, None)
         recon.append(float(metrics["loss/recon"][0]))
     assert recon[-1] < 0.85 * recon[0]
-    final = train.unreplicate(state)
+    final = state_lib.unreplicate(state)
     assert int(final.step) == 12
     assert np.abs(final.prototypes - initial.prototypes).max() > 1e-2
-    metrics = train.unreplicate(metrics)
+    metrics = state_lib.unreplicate(metrics)
     for name in ("loss/recon", "loss/kmeans", "loss/eqv_score", "loss/eqv_feature", "loss/sw"):
         assert np.isfinite(metrics[name]) and metrics[name] >= 0, name
     assert 1 <= metrics["prototypes_in_use"] <= config.model.num_prototypes
@@ -209,14 +215,14 @@ def tensorboard_image_tags(workdir):
 def test_checkpoint_from_two_devices_restores_on_one(tmp_path, fake_data):
     saved = train.train_and_evaluate(make_config(num_steps=2), str(tmp_path))
     config, model, step, _ = compiled_step(1)
-    template = jax.device_get(train.create_train_state(config, model))
+    template = jax.device_get(state_lib.create_train_state(config, model))
     restored, data_state, restored_step = checkpointing.restore(
         checkpointing.create_manager(str(tmp_path)), template
     )
     assert restored_step == 2 and data_state == {"position": 2}
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(a, b)
-    state = train.replicate(restored, devices=jax.devices()[:1])
+    state = state_lib.replicate(restored, devices=jax.devices()[:1])
     images = squares(9, config.train.batch_size)[None]
     state, metrics = step(state, images, None)
     assert int(state.step[0]) == 3 and np.isfinite(float(metrics["loss/total"][0]))
@@ -247,11 +253,11 @@ def test_sigterm_saves_and_stops(tmp_path, fake_data):
 def test_kmeans_ablation_pulls_prototypes_onto_descriptors():
     """prototype_objective='kmeans': the prototype steps minimise L_km, not L_sw."""
     config = make_config(prototype_objective="kmeans", num_prototype_steps=8)
-    model = models.TUSK(config.model)
-    state = train.create_train_state(config, model)
+    model = models.create_model(config)
+    state = state_lib.create_train_state(config, model)
     images = squares(0, config.train.batch_size).reshape(2, -1, IMAGE_SIZE, IMAGE_SIZE, 3)
-    new_state, metrics = train.make_p_train_step(config, model)(
-        train.replicate(state), images, None
+    new_state, metrics = step_lib.make_p_train_step(config, model)(
+        state_lib.replicate(state), images, None
     )
     assert "loss/sw" not in metrics
     assert np.all(np.isfinite(np.asarray(metrics["loss/kmeans"])))
@@ -261,7 +267,7 @@ def test_kmeans_ablation_pulls_prototypes_onto_descriptors():
 
 
 def test_cosine_learning_rate_schedule():
-    schedule = train.learning_rate_schedule(3e-3, "cosine", warmup_steps=10, num_steps=110)
+    schedule = state_lib.learning_rate_schedule(3e-3, "cosine", warmup_steps=10, num_steps=110)
     assert float(schedule(0)) == 0.0
     np.testing.assert_allclose(float(schedule(5)), 1.5e-3, rtol=1e-6)  # Linear warm-up.
     np.testing.assert_allclose(float(schedule(10)), 3e-3, rtol=1e-6)  # Peak.
@@ -269,13 +275,13 @@ def test_cosine_learning_rate_schedule():
     assert float(schedule(110)) == 0.0
     decay = [float(schedule(s)) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(decay[:-1], decay[1:], strict=True))
-    assert train.learning_rate_schedule(3e-3, "constant", 0, 110) == 3e-3
+    assert state_lib.learning_rate_schedule(3e-3, "constant", 0, 110) == 3e-3
 
 
 def test_cosine_optimizer_stops_moving_at_num_steps():
     """With lr_schedule='cosine' the encoder/decoder Adam counts its own updates to 0 lr."""
     config = make_config(lr_schedule="cosine", warmup_steps=1)  # :test: num_steps 4.
-    tx, _ = train.make_optimizers(config, device_count=1)
+    tx, _ = state_lib.make_optimizers(config, device_count=1)
     params = {"w": np.ones(3, np.float32)}
     opt_state = tx.init(params)
     grads = {"w": np.ones(3, np.float32)}
@@ -291,11 +297,17 @@ def test_cosine_optimizer_stops_moving_at_num_steps():
 
 def test_joint_ablation_step_runs():
     config = make_config(alternate=False, num_prototype_steps=0)
-    model = models.TUSK(config.model)
-    state = train.replicate(train.create_train_state(config, model))
-    step = train.make_p_train_step(config, model)
+    model = models.create_model(config)
+    state = state_lib.replicate(state_lib.create_train_state(config, model))
+    step = step_lib.make_p_train_step(config, model)
     images = squares(0, config.train.batch_size).reshape(2, -1, IMAGE_SIZE, IMAGE_SIZE, 3)
     before = np.asarray(state.prototypes[0])
     state, metrics = step(state, images, None)
     assert np.isfinite(float(metrics["loss/sw"][0]))
     assert np.abs(np.asarray(state.prototypes[0]) - before).max() > 0
+
+
+def test_cadence_of_periodic_work():
+    log = [s for s in range(1, 11) if train.every(s, 4, 10, at_last=True)]
+    checkpoints = [s for s in range(1, 11) if train.every(s, 5, 10, at_last=False)]
+    assert log == [4, 8, 10] and checkpoints == [5]

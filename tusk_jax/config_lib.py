@@ -4,26 +4,23 @@
 silently train the wrong thing), with a message naming the field.
 `save_config` / `load_config` keep the resolved config of a run in
 `<workdir>/config.json`, so evaluation and inference rebuild the very model
-that was trained.
+that was trained. `check_resume_config` compares the config of a resumed run
+with that file before anything is written (`RESUME_CHANGES` classifies every
+field), and `record_config_changes` keeps the accepted changes in
+`<workdir>/config_changes.jsonl`.
 """
 
+import importlib.util
 import json
+import math
 import os
+import time
 
 import jax
 import ml_collections
 
-from tusk_jax import models, ops, perceptual
+from tusk_jax import datasets, distributed, models, ops, perceptual
 
-# The evaluation protocol of each dataset (SPEC section 6).
-DATASET_TASKS = {
-    "mnist_hard": "multi_instance",
-    "tetrominoes": "object_discovery",
-    "clevr6": "object_discovery",
-    "clevr10": "object_discovery",
-    "celeba_wild": "landmarks",
-    "h36m": "landmarks",
-}
 CONFIG_FILE = "config.json"
 # What trains the prototypes (`train.prototype_objective`): the method's L_sw,
 # or the k-means ablation of the paper's Table 6.
@@ -32,6 +29,17 @@ PROTOTYPE_OBJECTIVES = ("sliced_wasserstein", "kmeans")
 LR_SCHEDULES = ("constant", "cosine")
 # Which descriptors the prototype steps fit (`train.prototype_descriptors`).
 PROTOTYPE_DESCRIPTORS = ("updated", "stale")
+# Fields with a fixed set of values (checked by `validate_config`).
+CHOICES = {
+    "loss.recon": ("mse", "perceptual"),
+    "tps.padding": ("reflect", "constant"),
+    "train.prototype_objective": PROTOTYPE_OBJECTIVES,
+    "loss.sw_count_rounding": ops.COUNT_ROUNDINGS,
+    "train.lr_schedule": LR_SCHEDULES,
+    "train.prototype_descriptors": PROTOTYPE_DESCRIPTORS,
+    "loss.sw_spread": ops.SPREADS,
+    "loss.perceptual_reduction": perceptual.REDUCTIONS,
+}
 # Values of fields a run saved before they existed was trained with (what
 # tusk_jax computed then); `load_config` fills them in so an old run is
 # rebuilt as it was trained. "model.head_groups" is special: it was
@@ -51,73 +59,176 @@ LEGACY_VALUES = {
 }
 
 
+CHANGES_FILE = "config_changes.jsonl"
+
+# What changing a field does to a run resumed from its checkpoints (the
+# config given vs. the run's config.json). Every field not listed here is
+# MEANING. SHAPE: the checkpoint cannot hold another value (array shapes or the
+# optimizer state's structure depend on it): always refused. MEANING: the run
+# would go on training something else than it started (window, K, image size,
+# losses and weights, data, TPS, learning rates, fidelity options): refused
+# unless `allow_change` (`--allow_config_change`), then recorded in
+# `config_changes.jsonl`. HARMLESS: how long, how often to log/save, where
+# the files are: accepted (and recorded).
+SHAPE, MEANING, HARMLESS = "shape", "meaning", "harmless"
+RESUME_CHANGES = {
+    "model.base_width": SHAPE,
+    "model.depth": SHAPE,
+    "model.feature_dim": SHAPE,
+    "model.num_prototypes": SHAPE,
+    "model.decoder_mode": SHAPE,  # alpha: RGBA decoder output, plain: RGB.
+    "train.lr_schedule": SHAPE,  # A schedule adds a step count to the optimizer state.
+    "train.num_steps": HARMLESS,
+    "train.log_every": HARMLESS,
+    "train.image_every": HARMLESS,
+    "train.checkpoint_every": HARMLESS,
+    "train.max_to_keep": HARMLESS,
+    "dataset.data_dir": HARMLESS,
+    "dataset.manual_dir": HARMLESS,
+    "dataset.eval_split": HARMLESS,
+    "dataset.num_eval_examples": HARMLESS,
+    "loss.vgg16_weights": HARMLESS,  # The path; the weights are fixed ImageNet ones.
+    "variant": HARMLESS,  # A label; the fields it sets are compared one by one.
+}
+
+
+class ConfigError(ValueError):
+    """A config value is invalid, or does not fit the run being resumed; names the field."""
+
+
 def _fail(field: str, message: str) -> None:
-    raise ValueError(f"config {field}: {message}")
+    raise ConfigError(f"config {field}: {message}")
 
 
 def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
-    """Raises ValueError naming the first invalid field of a training config.
+    """Raises `ConfigError` naming the first invalid field of a training config.
+
+    The one place of every check that spans fields (image size vs depth, window
+    and K; decoder vs task; batch vs devices; ...).
 
     Args:
       config: the whole config (configs/base.py layout).
-      device_count: devices sharing the global batch; default `jax.device_count()`.
+      device_count: devices sharing the global batch; default: every process's.
     """
-    if config.dataset.name not in DATASET_TASKS:
-        _fail(
-            "dataset.name",
-            f"unknown dataset {config.dataset.name!r}; valid: {', '.join(DATASET_TASKS)}.",
+    _check_dataset(config)
+    _check_model(config)
+    _check_loss(config)
+    _check_tps(config.tps)
+    check_batch_split(config.train.batch_size, device_count)
+    _check_train(config)
+    for field, valid in CHOICES.items():
+        section, name = field.split(".")
+        value = config[section][name]
+        if value not in valid:
+            _fail(field, f"must be one of {', '.join(valid)}, got {value!r}.")
+
+
+def check_batch_split(batch_size: int, device_count: int | None = None) -> int:
+    """The per-device batch; `ConfigError` unless the global batch splits over the devices.
+
+    Args:
+      batch_size: `train.batch_size` (pairs, global).
+      device_count: the devices; None: every process's (they must be equal).
+    """
+    num_processes = jax.process_count()
+    if device_count is None:
+        try:
+            device_count = num_processes * distributed.devices_per_process()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    per_process = device_count // num_processes
+    if batch_size < 1 or batch_size % device_count:
+        valid = ", ".join(str(device_count * i) for i in range(1, 4))
+        raise ConfigError(
+            f"config train.batch_size={batch_size} does not split evenly over the "
+            f"{device_count} devices ({num_processes} process(es) x {per_process} device(s)): "
+            f"use a multiple of {device_count} (e.g. {valid})."
         )
-    if config.dataset.source not in ("auto", "real", "procedural"):
-        _fail("dataset.source", f"must be auto, real or procedural, got {config.dataset.source!r}.")
-    models.check_model_config(config.model)
-    models.check_image_size(
-        config.dataset.image_size, config.dataset.image_size, config.model.depth
-    )
-    if not isinstance(config.model.num_prototypes, int) or config.model.num_prototypes < 1:
+    return batch_size // device_count
+
+
+def _check_dataset(config: ml_collections.ConfigDict) -> None:
+    dataset = config.dataset
+    if dataset.name not in datasets.names():
+        valid = ", ".join(datasets.names())
+        _fail("dataset.name", f"unknown dataset {dataset.name!r}; valid: {valid}.")
+    if dataset.source not in ("auto", "real", "procedural"):
+        _fail("dataset.source", f"must be auto, real or procedural, got {dataset.source!r}.")
+    if not isinstance(dataset.num_train, int) or dataset.num_train < 1:
+        _fail("dataset.num_train", f"must be a positive int, got {dataset.num_train!r}.")
+    if dataset.num_train < config.train.batch_size:
         _fail(
-            "model.num_prototypes", f"must be a positive int, got {config.model.num_prototypes!r}."
+            "dataset.num_train",
+            f"{dataset.num_train} training examples are fewer than one batch "
+            f"(train.batch_size={config.train.batch_size}).",
         )
+
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
+    model, size = config.model, config.dataset.image_size
+    try:
+        models.check_model_config(model)
+        models.check_image_size(size, size, model.depth)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if model.num_keypoints > size * size:
+        _fail(
+            "model.num_keypoints",
+            f"K = {model.num_keypoints} exceeds the {size * size} pixels of a "
+            f"{size}x{size} image (dataset.image_size).",
+        )
+    if not isinstance(model.num_prototypes, int) or model.num_prototypes < 1:
+        _fail("model.num_prototypes", f"must be a positive int, got {model.num_prototypes!r}.")
     for field in ("temperature", "splat_variance"):
-        if config.model[field] <= 0:
-            _fail(f"model.{field}", f"must be > 0, got {config.model[field]!r}.")
-    if config.model.window > config.dataset.image_size:
-        _fail("model.window", f"{config.model.window} exceeds dataset.image_size.")
-    task = DATASET_TASKS[config.dataset.name]
-    if config.model.decoder_mode == "alpha" and task != "object_discovery":
+        if model[field] <= 0:
+            _fail(f"model.{field}", f"must be > 0, got {model[field]!r}.")
+    if model.window > size:
+        _fail("model.window", f"{model.window} exceeds dataset.image_size.")
+    task = datasets.get_info(config.dataset.name).task
+    if model.decoder_mode == "alpha" and task != "object_discovery":
         _fail(
             "model.decoder_mode",
             f"'alpha' is for object discovery datasets; {config.dataset.name} is a {task} "
             "dataset: use 'plain'.",
         )
-    if config.loss.recon not in ("mse", "perceptual"):
-        _fail("loss.recon", f"must be 'mse' or 'perceptual', got {config.loss.recon!r}.")
-    if config.loss.recon == "perceptual" and not config.loss.vgg16_weights:
+
+
+def _check_loss(config: ml_collections.ConfigDict) -> None:
+    loss = config.loss
+    if loss.recon == "perceptual" and not loss.vgg16_weights:
         _fail(
             "loss.vgg16_weights",
             "loss.recon='perceptual' needs a VGG16 .npz (see python -m tusk_jax.convert_vgg16).",
         )
     for field in ("recon_weight", "kmeans_weight", "eqv_score_weight", "eqv_feature_weight"):
-        if config.loss[field] < 0:
-            _fail(f"loss.{field}", f"must be >= 0, got {config.loss[field]!r}.")
-    if config.loss.sw_num_projections < 1:
+        if loss[field] < 0:
+            _fail(f"loss.{field}", f"must be >= 0, got {loss[field]!r}.")
+    if loss.sw_num_projections < 1:
         _fail("loss.sw_num_projections", "must be >= 1.")
-    if config.tps.padding not in ("reflect", "constant"):
-        _fail("tps.padding", f"must be 'reflect' or 'constant', got {config.tps.padding!r}.")
-    train = config.train
-    device_count = jax.device_count() if device_count is None else device_count
-    if train.batch_size < 1 or train.batch_size % device_count:
+    if not loss.kmeans_temperature > 0:
+        _fail("loss.kmeans_temperature", f"must be > 0, got {loss.kmeans_temperature!r}.")
+    if not loss.sw_noise_std >= 0:
+        _fail("loss.sw_noise_std", f"must be >= 0, got {loss.sw_noise_std!r}.")
+
+
+def _check_tps(tps: ml_collections.ConfigDict) -> None:
+    if not tps.scale > 0:
+        _fail("tps.scale", f"must be > 0 (a warp scale), got {tps.scale!r}.")
+    for field in ("scale_var", "tps", "off", "rot"):
+        if not tps[field] >= 0:
+            _fail(f"tps.{field}", f"must be >= 0 (a half-range), got {tps[field]!r}.")
+    if not tps.scale - tps.scale_var > 0:
         _fail(
-            "train.batch_size",
-            f"{train.batch_size} must be a positive multiple of the {device_count} devices.",
+            "tps.scale_var",
+            f"tps.scale - tps.scale_var must be > 0 (the smallest scale), got "
+            f"{tps.scale} - {tps.scale_var}.",
         )
+
+
+def _check_train(config: ml_collections.ConfigDict) -> None:
+    train = config.train
     if train.num_prototype_steps < 0:
         _fail("train.num_prototype_steps", "must be >= 0.")
-    objective = prototype_objective(config)
-    if objective not in PROTOTYPE_OBJECTIVES:
-        _fail(
-            "train.prototype_objective",
-            f"must be one of {', '.join(PROTOTYPE_OBJECTIVES)}, got {objective!r}.",
-        )
     if not train.alternate and train.num_prototype_steps:
         _fail(
             "train.num_prototype_steps",
@@ -126,49 +237,14 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     for field in ("learning_rate", "prototype_learning_rate"):
         if train[field] <= 0:
             _fail(f"train.{field}", f"must be > 0, got {train[field]!r}.")
-    rounding = sw_count_rounding(config)
-    if rounding not in ops.COUNT_ROUNDINGS:
-        _fail(
-            "loss.sw_count_rounding",
-            f"must be one of {', '.join(ops.COUNT_ROUNDINGS)}, got {rounding!r}.",
-        )
-    schedule, warmup_steps = lr_schedule(config)
-    if schedule not in LR_SCHEDULES:
-        _fail(
-            "train.lr_schedule",
-            f"must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}.",
-        )
-    if not 0 <= warmup_steps < train.num_steps:
+    if not 0 <= train.warmup_steps < train.num_steps:
         _fail(
             "train.warmup_steps",
-            f"must be in [0, train.num_steps={train.num_steps}), got {warmup_steps!r}.",
+            f"must be in [0, train.num_steps={train.num_steps}), got {train.warmup_steps!r}.",
         )
     for field in ("num_steps", "log_every", "image_every", "checkpoint_every", "max_to_keep"):
         if train[field] < 1:
             _fail(f"train.{field}", f"must be >= 1, got {train[field]!r}.")
-    choices = {
-        "train.prototype_descriptors": (train.prototype_descriptors, PROTOTYPE_DESCRIPTORS),
-        "loss.sw_spread": (config.loss.sw_spread, ops.SPREADS),
-        "loss.perceptual_reduction": (config.loss.perceptual_reduction, perceptual.REDUCTIONS),
-    }
-    for field, (value, valid) in choices.items():
-        if value not in valid:
-            _fail(field, f"must be one of {', '.join(valid)}, got {value!r}.")
-
-
-def prototype_objective(config: ml_collections.ConfigDict) -> str:
-    """`train.prototype_objective`; runs saved before the field existed used L_sw."""
-    return config.train.get("prototype_objective", "sliced_wasserstein")
-
-
-def sw_count_rounding(config: ml_collections.ConfigDict) -> str:
-    """`loss.sw_count_rounding`; runs saved before it existed: the reference's "last"."""
-    return config.loss.get("sw_count_rounding", "last")
-
-
-def lr_schedule(config: ml_collections.ConfigDict) -> tuple[str, int]:
-    """(`train.lr_schedule`, `train.warmup_steps`); runs saved before they existed: constant."""
-    return config.train.get("lr_schedule", "constant"), config.train.get("warmup_steps", 0)
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -181,16 +257,48 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run in `workdir` was trained with (see `save_config`)."""
+    """The config a run in `workdir` was trained with (see `save_config`).
+
+    Fields an old run's file lacks get the value it was trained with
+    (`LEGACY_VALUES`), else the base default (`configs/base.py`).
+    """
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} not found: {workdir!r} is not a training workdir of tusk_jax.main."
         )
     with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    fill_legacy_values(config)
-    return config
+        saved = ml_collections.ConfigDict(json.load(f))
+    fill_legacy_values(saved)
+    defaults = base_defaults()
+    if defaults is None:
+        return saved
+    return ml_collections.ConfigDict(_merged(defaults.to_dict(), saved.to_dict()))
+
+
+def base_defaults() -> ml_collections.ConfigDict | None:
+    """`configs/base.py`'s `get_base_config()`; None where the repository's configs/ is absent."""
+    try:
+        from configs import base
+    except ImportError:
+        path = os.path.join(os.path.dirname(__file__), "..", "configs", "base.py")
+        if not os.path.exists(path):
+            return None
+        spec = importlib.util.spec_from_file_location("tusk_jax_base_config", path)
+        base = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(base)
+    return base.get_base_config()
+
+
+def _merged(defaults: dict, saved: dict) -> dict:
+    """`saved` with the fields it lacks taken from `defaults` (nested dicts merged)."""
+    out = dict(defaults)
+    for key, value in saved.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def fill_legacy_values(config: ml_collections.ConfigDict) -> None:
@@ -201,3 +309,118 @@ def fill_legacy_values(config: ml_collections.ConfigDict) -> None:
         section, field = dotted.split(".")
         if field not in config[section]:
             config[section][field] = value
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(_flat(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+# Config fields that must agree between a given config and the run's saved one:
+# they decide the parameter shapes, the keypoint extraction or the image size
+# the network was trained at.
+CHECKED_DATASET_FIELDS = ("image_size",)
+
+
+def config_differences(
+    config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict
+) -> list[str]:
+    """The `model.*` and `dataset.image_size` fields on which two configs differ.
+
+    Returns:
+      One line per differing field, `"model.window: 5 (given) vs 11 (saved)"`;
+      empty when the configs build the same network.
+    """
+    given = _flat(config.model.to_dict(), "model")
+    kept = _flat(saved.model.to_dict(), "model")
+    for field in CHECKED_DATASET_FIELDS:
+        given[f"dataset.{field}"] = config.dataset.get(field)
+        kept[f"dataset.{field}"] = saved.dataset.get(field)
+    lines = []
+    for name in sorted(set(given) | set(kept)):
+        a, b = given.get(name, "<missing>"), kept.get(name, "<missing>")
+        if a != b:
+            lines.append(f"{name}: {a!r} (given) vs {b!r} (saved)")
+    return lines
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def config_changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list:
+    """The fields on which `config` differs from a run's `saved` config.
+
+    Returns:
+      `(field, saved value, new value, kind)` tuples sorted by field, kind
+      from `RESUME_CHANGES` (MEANING when not listed); "<missing>" for a field
+      one side lacks. Both configs are compared as their JSON would store them.
+    """
+    old = _flat(json.loads(saved.to_json_best_effort()))
+    new = _flat(json.loads(config.to_json_best_effort()))
+    missing = "<missing>"
+    changes = []
+    for field in sorted(set(old) | set(new)):
+        a, b = old.get(field, missing), new.get(field, missing)
+        if not _same(a, b):
+            changes.append((field, a, b, RESUME_CHANGES.get(field, MEANING)))
+    return changes
+
+
+def _describe(changes: list) -> str:
+    return ", ".join(f"{field} {old!r} -> {new!r}" for field, old, new, _ in changes)
+
+
+def check_resume_config(
+    config: ml_collections.ConfigDict, workdir: str, allow_change: bool = False
+) -> list:
+    """Compares the config of a resumed run with its `config.json`; writes nothing.
+
+    Called when `workdir` holds checkpoints. A SHAPE change is always refused;
+    a MEANING change is refused unless `allow_change`; HARMLESS ones pass.
+
+    Returns:
+      The changes (see `config_changes`); empty for a new run or the same config.
+
+    Raises:
+      ConfigError: one line naming each refused field with both values.
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return []
+    changes = config_changes(load_config(workdir), config)
+    shape = [c for c in changes if c[3] == SHAPE]
+    if shape:
+        raise ConfigError(
+            f"cannot resume {workdir} with this config: {_describe(shape)} (its checkpoints "
+            f"cannot hold another value); keep the values of {path} or use another --workdir."
+        )
+    meaning = [c for c in changes if c[3] == MEANING]
+    if meaning and not allow_change:
+        raise ConfigError(
+            f"the run in {workdir} was trained with another config: {_describe(meaning)}; "
+            "resuming would train something else. Pass --allow_config_change to go on with "
+            f"the new values (recorded in {CHANGES_FILE}) or use another --workdir."
+        )
+    return changes
+
+
+def record_config_changes(workdir: str, step: int, changes: list) -> None:
+    """Appends one JSON line `{"step", "time", "changes": {field: {old, new, kind}}}`."""
+    if not changes:
+        return
+    record = {
+        "step": int(step),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "changes": {f: {"old": a, "new": b, "kind": kind} for f, a, b, kind in changes},
+    }
+    with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
+        f.write(json.dumps(record) + "\n")

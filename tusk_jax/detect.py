@@ -4,11 +4,9 @@
     python -m tusk_jax.detect --workdir=RUN --input photos/ --output out/ --num_keypoints=20
     python -m tusk_jax.detect --exported=exported/tetrominoes --input 'photos/*.png' --output out/
 
-This module owns reading image files and writing detection files; the model
-is `tusk_jax.inference.Detector` (a training workdir) or
-`tusk_jax.exported.ExportedDetector` (a folder of `tusk_jax.export`, whose
-`workdir` and `step` are those of the run it was exported from). For each
-readable input `<name>.<ext>` it writes `<output>/<name>.json`:
+The model is `tusk_jax.inference.Detector` (a training workdir) or
+`tusk_jax.exported.ExportedDetector` (a folder of `tusk_jax.export`). For
+each readable input `<name>.<ext>` this writes `<output>/<name>.json`:
 
     {"file": ..., "width": W, "height": H, "network_width": w, "network_height": h,
      "pixel_values": "8-bit", "workdir": ..., "step": ...,
@@ -26,9 +24,9 @@ Pixel values are scaled by the file's bit depth: 8-bit as they are, 16-bit
 PNG/TIFF by 65535 (other integer depths by theirs), float TIFF in [0, 1] by
 255, other floats stretched from their range ("pixel_values" says which).
 Size: the network sees the file times `--scale`, downscaled further to at
-most `--max_pixels` (MAX_NETWORK_PIXELS, 2048 x 2048) while the pixels are
+most `--max_pixels` (2048 x 2048) while the pixels are
 still integers (JPEG decoded at reduced scale), so a large photo never
-becomes a large float array; files above MAX_FILE_PIXELS (150 M pixels) are
+becomes a large float array; files above 150 M pixels are
 refused before decoding. A file that cannot be read (not an image,
 truncated, too large, too small for K keypoints), detected (e.g. out of
 memory) or written is reported in `failed` and skipped; it never stops the
@@ -42,25 +40,13 @@ import glob
 import json
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from absl import app, flags, logging
-from PIL import Image, ImageOps
 
-from tusk_jax import detection_io, exported, inference, visualization
+from tusk_jax import detection_io, exported, image_files, inference, visualization
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
-# Files with more pixels are refused before decoding (a decoded pixel takes up to 4
-# bytes, so about 600 MB at the limit; 12000 x 12000 = 144 M pixels passes).
-MAX_FILE_PIXELS = 150_000_000
-# At most this many pixels reach the network (--max_pixels); larger images (after
-# --scale) are downscaled while still 8/16-bit, keypoints map back to the file's pixels.
-MAX_NETWORK_PIXELS = 2048 * 2048
-# PIL modes of more than 8 bits per sample: scaled by bit depth or range, not clipped.
-HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-ORIENTATION_TAG = 0x0112  # EXIF orientation; 5..8 swap width and height.
 # Output stems kept for the command's own files: an input `summary.png` writes
 # `summary_2.json` / `summary_2.png`, never over `summary.json`.
 RESERVED_STEMS = ("summary",)
@@ -81,7 +67,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
             matches = [
                 os.path.join(pattern, name)
                 for name in sorted(os.listdir(pattern))
-                if name.lower().endswith(IMAGE_EXTENSIONS)
+                if name.lower().endswith(image_files.IMAGE_EXTENSIONS)
                 and os.path.isfile(os.path.join(pattern, name))
             ]
         else:
@@ -96,140 +82,6 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
             seen.add(key)
             unique.append(path)
     return unique
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageFile:
-    """An image file read at the size the network sees.
-
-    Attributes:
-      image: uint8 `[h, w, 3]`, the file's pixels resized to the network's size.
-      width, height: the file's size in pixels (after its EXIF orientation).
-      pixel_values: how the file's values became 0..255 (e.g. "16-bit: value / 65535").
-    """
-
-    image: np.ndarray
-    width: int
-    height: int
-    pixel_values: str
-
-    def to_file_pixels(self, keypoints: np.ndarray) -> np.ndarray:
-        """(x, y) `[K, 2]` in `image` pixels -> the file's pixels (centres at integers)."""
-        h, w = self.image.shape[:2]
-        ratio = np.array([self.width / w, self.height / h], np.float32)
-        return (np.asarray(keypoints, np.float32) + 0.5) * ratio - 0.5
-
-
-def network_size(width: int, height: int, scale: float, max_pixels: int) -> tuple[int, int]:
-    """(width, height) the network sees: `scale` times the file's, then at most `max_pixels`.
-
-    Sides are rounded, at least 1 pixel; the aspect ratio is kept.
-    """
-    factor = scale * min(1.0, (max_pixels / (width * height * scale * scale)) ** 0.5)
-    return max(1, round(width * factor)), max(1, round(height * factor))
-
-
-def _bits_per_sample(image: Image.Image) -> int | None:
-    """The TIFF BitsPerSample tag (first value), None for other formats."""
-    tags = getattr(image, "tag_v2", None)
-    bits = tags.get(258) if tags is not None else None
-    if isinstance(bits, tuple):
-        bits = bits[0] if bits else None
-    return int(bits) if bits else None
-
-
-def _high_depth_to_uint8(image: Image.Image, bits: int | None) -> tuple[np.ndarray, str]:
-    """A one-channel image of more than 8 bits (`I;16*`, `I`, `F`) -> uint8 `[H, W]`.
-
-    Integers are scaled by their bit depth (`bits`: the TIFF tag, else 16, as
-    PNG); floats in [0, 1] by 255, other finite floats stretched from their
-    range [min, max] to [0, 1].
-
-    Raises:
-      ValueError: integers outside their bit depth, non-finite floats.
-    """
-    values = np.asarray(image)
-    if image.mode == "F":
-        values = values.astype(np.float32)
-        if not np.all(np.isfinite(values)):
-            raise ValueError("float image with non-finite values (NaN or Inf)")
-        low, high = float(values.min()), float(values.max())
-        if low >= 0.0 and high <= 1.0:
-            note = "float in [0, 1]: value * 255"
-        else:
-            values = (values - low) / max(high - low, 1e-30)
-            note = f"float in [{low:g}, {high:g}]: stretched to [0, 255]"
-            logging.warning("Float image values in [%g, %g] are stretched to [0, 1].", low, high)
-    else:
-        bits = min(bits or 16, 31)
-        top = 2**bits - 1
-        low, high = int(values.min()), int(values.max())
-        if low < 0 or high > top:
-            raise ValueError(
-                f"{image.mode} values in [{low}, {high}] are outside the {bits}-bit range 0..{top}"
-            )
-        values = values.astype(np.float32) / np.float32(top)
-        note = f"{bits}-bit: value / {top}"
-    return np.round(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8), note
-
-
-def read_image(
-    path: str,
-    scale: float = 1.0,
-    max_pixels: int | None = None,
-    max_file_pixels: int = MAX_FILE_PIXELS,
-) -> ImageFile:
-    """An image file as uint8 `[h, w, 3]` at the network's size (see `ImageFile`).
-
-    EXIF orientation is applied; grey, alpha and palette become RGB. Values
-    are scaled by the file's bit depth: 8-bit as they are, 16-bit (and other
-    integer depths) by 2**bits - 1, float in [0, 1] by 255, other floats
-    stretched from their range. The image is resized (bilinear, antialiased)
-    to `network_size(W, H, scale, max_pixels)` while it is still 8- or 16-bit
-    or PIL's own float (a JPEG is decoded at 1/2..1/8 scale when that is
-    enough), so a large file never becomes a large float array.
-
-    Args:
-      path: the file.
-      scale: resize factor before the network.
-      max_pixels: at most this many pixels reach the network (None: no limit).
-      max_file_pixels: files with more pixels are refused before decoding.
-
-    Raises:
-      ValueError: above `max_file_pixels`; values out of range. OSError
-      (also PIL's UnidentifiedImageError), SyntaxError (some broken PNGs),
-      DecompressionBombError: not a readable image.
-    """
-    with warnings.catch_warnings():
-        # Our own limit (max_file_pixels) replaces PIL's decompression-bomb warning.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
-            raw_w, raw_h = image.size
-            if raw_w * raw_h > max_file_pixels:
-                raise ValueError(
-                    f"{raw_w}x{raw_h} ({raw_w * raw_h / 1e6:.1f} M pixels) is above the limit "
-                    f"of {max_file_pixels / 1e6:g} M pixels per file; downscale it first"
-                )
-            transposed = image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
-            width, height = (raw_h, raw_w) if transposed else (raw_w, raw_h)
-            size = network_size(width, height, scale, max_pixels or width * height * scale**2)
-            if size[0] < width:  # JPEG: decode at the smallest DCT scale still >= size.
-                image.draft(image.mode, size[::-1] if transposed else size)
-            bits = _bits_per_sample(image)
-            ImageOps.exif_transpose(image, in_place=True)
-            if image.mode in HIGH_DEPTH_MODES:
-                if image.mode.startswith("I;16") and image.size != size:
-                    image = image.convert("I")  # PIL resizes I and F, not I;16.
-                if image.size != size:
-                    image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
-                grey, note = _high_depth_to_uint8(image, bits)
-                return ImageFile(np.repeat(grey[..., None], 3, axis=-1), width, height, note)
-            if image.mode in ("L", "RGB") and image.size != size:  # Resize, then convert.
-                image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
-            rgb = image.convert("RGB")
-            if rgb.size != size:
-                rgb = rgb.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
-            return ImageFile(np.asarray(rgb, dtype=np.uint8), width, height, "8-bit")
 
 
 def output_stems(paths: Sequence[str]) -> list[str]:
@@ -284,6 +136,59 @@ def _write_json(path: str, record: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _record(path: str, read, found, settings: dict) -> dict:
+    """The JSON record of one file's detections, keypoints in the file's pixels."""
+    return {
+        "file": os.path.abspath(path),
+        "width": read.width,
+        "height": read.height,
+        "network_width": int(read.image.shape[1]),
+        "network_height": int(read.image.shape[0]),
+        "pixel_values": read.pixel_values,
+        **settings,
+        "keypoints": dataclasses.replace(
+            found, keypoints=read.to_file_pixels(found.keypoints)
+        ).to_json(),
+    }
+
+
+def _read_chunk(paths, stems, output_dir, inputs, k, reading, fail) -> list[tuple]:
+    """`(path, read image, json path, png path)` of each readable file; `fail`s the others."""
+    chunk = []
+    for path, stem in zip(paths, stems, strict=True):
+        json_path = os.path.join(output_dir, f"{stem}.json")
+        png_path = os.path.join(output_dir, f"{stem}.png")
+        if {os.path.abspath(json_path), os.path.abspath(png_path)} & inputs:
+            fail(path, f"its output {png_path} would overwrite an input file")
+            continue
+        try:
+            read = image_files.read_image(path, *reading)
+            h, w = read.image.shape[:2]
+            if h * w < k:
+                raise ValueError(f"{w}x{h} has fewer pixels than K={k}")
+            chunk.append((path, read, json_path, png_path))
+        except Exception as error:  # noqa: BLE001 - PIL raises many types (even SyntaxError).
+            fail(path, f"unreadable: {type(error).__name__}: {error}")
+    return chunk
+
+
+def _detect_chunk(detector, chunk, k, min_confidence, fail) -> list:
+    """The detections of each read file (None where detection failed), together if possible."""
+    if not chunk:
+        return []
+    try:
+        return detector.detect([c[1].image for c in chunk], k, min_confidence=min_confidence)
+    except Exception:  # noqa: BLE001 - e.g. out of memory: find the image at fault.
+        results = []
+        for path, read, _, _ in chunk:
+            try:
+                results.append(detector.detect(read.image, k, min_confidence=min_confidence)[0])
+            except Exception as error:  # noqa: BLE001 - the others still get their files.
+                fail(path, f"detection failed: {type(error).__name__}: {error}")
+                results.append(None)
+        return results
+
+
 def detect_files(
     detector: inference.Detector | exported.ExportedDetector,
     paths: Sequence[str],
@@ -292,29 +197,26 @@ def detect_files(
     num_keypoints: int | None = None,
     min_confidence: float = 0.0,
     scale: float = 1.0,
-    max_pixels: int | None = MAX_NETWORK_PIXELS,
-    max_file_pixels: int = MAX_FILE_PIXELS,
+    max_pixels: int | None = image_files.MAX_NETWORK_PIXELS,
+    max_file_pixels: int = image_files.MAX_FILE_PIXELS,
     chunk_size: int = 32,
 ) -> dict:
     """Detects keypoints in image files and writes `<stem>.json` and `<stem>.png` for each.
 
     A file that cannot be read, detected or written is recorded in `failed`
-    and never stops the others; `<output_dir>/summary.json` is written even
-    when the loop is interrupted (then with what was done so far).
+    and never stops the others; the summary is written even if interrupted.
 
     Args:
       detector: the model (`inference.load` or `exported.load`).
       paths: image files.
       output_dir: created if missing.
       num_keypoints, min_confidence: see `inference.Detector.detect`.
-      scale: images are resized by this factor before the network.
-      max_pixels, max_file_pixels: see `read_image`.
+      scale, max_pixels, max_file_pixels: see `image_files.read_image`.
       chunk_size: files read and detected together.
 
     Returns:
-      dict with `written` (list of dicts `file`, `json`, `png`,
-      `num_keypoints`) and `failed` (input path -> reason). Also written to
-      `<output_dir>/summary.json`.
+      `{"written": [{file, json, png, num_keypoints}], "failed": {path: reason}}`,
+      also written to `<output_dir>/summary.json`.
     """
     os.makedirs(output_dir, exist_ok=True)
     inputs = {os.path.abspath(p) for p in paths}
@@ -340,56 +242,21 @@ def detect_files(
 
     try:
         for start in range(0, len(paths), chunk_size):
-            chunk = []
-            names = zip(
-                paths[start : start + chunk_size], stems[start : start + chunk_size], strict=True
+            chunk = _read_chunk(
+                paths[start : start + chunk_size],
+                stems[start : start + chunk_size],
+                output_dir,
+                inputs,
+                k,
+                (scale, max_pixels, max_file_pixels),
+                fail,
             )
-            for path, stem in names:
-                json_path = os.path.join(output_dir, f"{stem}.json")
-                png_path = os.path.join(output_dir, f"{stem}.png")
-                if {os.path.abspath(json_path), os.path.abspath(png_path)} & inputs:
-                    fail(path, f"its output {png_path} would overwrite an input file")
-                    continue
-                try:
-                    read = read_image(path, scale, max_pixels, max_file_pixels)
-                    h, w = read.image.shape[:2]
-                    if h * w < k:
-                        raise ValueError(f"{w}x{h} has fewer pixels than K={k}")
-                    chunk.append((path, read, json_path, png_path))
-                except Exception as error:  # noqa: BLE001 - PIL raises many types (even SyntaxError).
-                    fail(path, f"unreadable: {type(error).__name__}: {error}")
-            if not chunk:
-                continue
-            try:
-                results = detector.detect(
-                    [c[1].image for c in chunk], k, min_confidence=min_confidence
-                )
-            except Exception:  # noqa: BLE001 - e.g. out of memory: find the image at fault.
-                results = []
-                for path, read, _, _ in chunk:
-                    try:
-                        results.append(
-                            detector.detect(read.image, k, min_confidence=min_confidence)[0]
-                        )
-                    except Exception as error:  # noqa: BLE001 - the others still get their files.
-                        fail(path, f"detection failed: {type(error).__name__}: {error}")
-                        results.append(None)
+            results = _detect_chunk(detector, chunk, k, min_confidence, fail)
             for (path, read, json_path, png_path), found in zip(chunk, results, strict=True):
                 if found is None:
                     continue
-                keypoints = read.to_file_pixels(found.keypoints)
-                record = {
-                    "file": os.path.abspath(path),
-                    "width": read.width,
-                    "height": read.height,
-                    "network_width": int(read.image.shape[1]),
-                    "network_height": int(read.image.shape[0]),
-                    "pixel_values": read.pixel_values,
-                    **settings,
-                    "keypoints": dataclasses.replace(found, keypoints=keypoints).to_json(),
-                }
                 try:
-                    _write_json(json_path, record)
+                    _write_json(json_path, _record(path, read, found, settings))
                     annotated = annotate(read.image, found, detector.num_prototypes)
                     visualization.save_png(png_path, annotated)
                 except OSError as error:
@@ -423,7 +290,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_float("scale", 1.0, "Resize the images by this factor before the network.", **fv)
     flags.DEFINE_integer(
         "max_pixels",
-        MAX_NETWORK_PIXELS,
+        image_files.MAX_NETWORK_PIXELS,
         "At most this many pixels per image reach the network; larger ones (after --scale) "
         "are downscaled, keypoints still in the file's pixels.",
         **fv,

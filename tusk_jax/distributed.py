@@ -1,18 +1,15 @@
-"""Multi-process runs: starting JAX's multi-controller runtime and checking the split.
+"""Multi-process runs: starting JAX's multi-controller runtime and agreeing to stop.
 
 The same `python -m tusk_jax.main` runs as N processes over M hosts (GPU
 clusters under SLURM, Cloud TPU VM slices, or N processes on one machine for
 testing, see `launch/`). Every process runs the same program on its local
-devices; `pmap`'s collectives span all processes' devices. This module owns
-the start-up of that runtime and the checks that the global batch can be
-split over it:
+devices; `pmap`'s collectives span all processes' devices (the global batch
+must split over them: `config_lib.check_batch_split`).
 
 - `initialize(mode, coordinator_address, num_processes, process_id)` calls
   `jax.distributed.initialize` when the run is multi-process: explicit
   flags, or a cluster environment that JAX detects (SLURM, Open MPI; Cloud
   TPU with `mode='cluster'`);
-- `check_batch_split(batch_size)` raises a ValueError naming the processes
-  and devices when the global batch does not split evenly;
 - `StopVote` lets all processes agree on the step at which to stop after a
   SIGTERM / SIGINT reached any of them, without stalling the device queue.
 
@@ -48,7 +45,7 @@ _SLURM_VARS = (
 _OMPI_VARS = ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")
 
 
-def detect_cluster(environ: dict[str, str] | None = None) -> str | None:
+def cluster_launcher(environ: dict[str, str] | None = None) -> str | None:
     """The multi-task launcher this process runs under, or None.
 
     Returns 'slurm' inside a SLURM job step of more than one task (the tasks
@@ -89,7 +86,7 @@ def initialize(
 
     Args:
       mode: 'auto': initialize when any explicit argument is given or
-        `detect_cluster()` finds a multi-task SLURM / Open MPI job, else run
+        `cluster_launcher()` finds a multi-task SLURM / Open MPI job, else run
         as one process. 'cluster': always call `jax.distributed.initialize`,
         which takes the arguments not given from the cluster JAX detects
         (Cloud TPU VM, SLURM, Open MPI, Kubernetes) and fails if none. 'off':
@@ -121,7 +118,7 @@ def initialize(
                 f"--distributed=off contradicts the explicit {', '.join(sorted(given))}."
             )
         return False
-    cluster = detect_cluster()
+    cluster = cluster_launcher()
     if mode == "auto" and not given and cluster is None:
         return False
     if mode == "auto" and cluster is None:
@@ -196,33 +193,6 @@ def devices_per_process() -> int:
             + ", ".join(f"process {p}: {n}" for p, n in layout.items())
         )
     return counts.pop()
-
-
-def check_batch_split(batch_size: int) -> int:
-    """Checks that a global batch splits evenly over the processes and devices.
-
-    Args:
-      batch_size: the global batch (`config.train.batch_size`, pairs).
-
-    Returns:
-      The per-device batch.
-
-    Raises:
-      ValueError: processes with different device counts (pmap needs the
-        same on each), or a batch that is not a positive multiple of the
-        device count; the message names the field, the processes and devices.
-    """
-    per_process = devices_per_process()
-    num_processes = jax.process_count()
-    num_devices = num_processes * per_process
-    if batch_size < 1 or batch_size % num_devices:
-        valid = [num_devices * i for i in range(1, 4)]
-        raise ValueError(
-            f"config train.batch_size={batch_size} does not split evenly over the "
-            f"{num_devices} devices ({num_processes} process(es) x {per_process} device(s)): "
-            f"use a multiple of {num_devices} (e.g. {', '.join(map(str, valid))})."
-        )
-    return batch_size // num_devices
 
 
 class StopVote:

@@ -1,41 +1,23 @@
-"""Restoring a trained run and detecting keypoints on arbitrary images.
-
-This module owns the user-facing inference API:
+"""Detecting keypoints on arbitrary images with a trained run (the user-facing API).
 
     detector = inference.load("runs/tetrominoes")          # latest checkpoint
     found = detector.detect(images, num_keypoints=5)       # list, one per image
     found[0].keypoints, found[0].confidence, found[0].prototype, found[0].descriptors
     rebuilt = detector.reconstruct(images)                 # list of [H, W, 3]
 
-and the checkpoint restoring shared with `tusk_jax.evaluate`:
-`resolve_config` (the run's saved config, or a given one checked against it),
-`restore_state` (the `TrainState` of a step, with the checkpoint's array
-shapes checked against the model the config builds, so a checkpoint of
-another config fails with a message and not an orbax trace, or worse, a
-silent restore of the checkpoint's shapes).
-
 Images: any count and size, `[H, W]`, `[H, W, 1]` or `[H, W, 3]`, uint8
 (0..255) or float in [0, 1]; grayscale is repeated to RGB (the input handling
 and `Detections` live in `tusk_jax.detection_io`, shared with the exported
-detector of `tusk_jax.exported`). The U-Net needs
-sides divisible by 2**(depth - 1), so each image is padded at the bottom and
-right (reflection) to the next multiple; the encoder runs on the padded image,
-then the score and feature maps are cropped back to the image before the
-keypoints are extracted. So keypoints are always inside the original image,
-in its pixel coordinates ((x, y), pixel centres at integers, SPEC section 1):
-no keypoint can sit in the padding, none has to be dropped or clipped. The
-padding still changes the GroupNorm statistics of the maps a little, so a
-padded image's keypoints can differ slightly from those of the same content
-at a divisible size.
-
-Any number of keypoints works at inference time: there is one score map, so
-asking for more keypoints than were trained (multi-instance scenes, several
-faces) takes more of its peaks.
+detector of `tusk_jax.exported`). Each image is padded at the bottom and right
+(reflection) to a multiple of 2**(depth - 1) for the U-Net and its maps are
+cropped back before the keypoints are taken, so keypoints are in the image's
+own pixel coordinates (SPEC 1). Any number of keypoints works: there is one
+score map, and more keypoints take more of its peaks. Restoring a run is
+`tusk_jax.checkpointing`'s job.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,12 +25,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
-from absl import logging
-from etils import epath
 from numpy.typing import ArrayLike
 
-from tusk_jax import checkpointing, config_lib, models, ops
+from tusk_jax import checkpointing, models, ops
 from tusk_jax.detection_io import (
     Detections,
     as_image_list,
@@ -58,199 +37,6 @@ from tusk_jax.detection_io import (
     stack_batch,
     to_detections,
 )
-
-# Config fields that must agree between a given config and the run's saved one:
-# they decide the parameter shapes, the keypoint extraction or the image size
-# the network was trained at.
-CHECKED_DATASET_FIELDS = ("image_size",)
-
-
-# ----------------------------------------------------------------------------
-# Restoring a run.
-# ----------------------------------------------------------------------------
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            out.update(_flatten(value, name))
-        else:
-            out[name] = value
-    return out
-
-
-def config_differences(
-    config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict
-) -> list[str]:
-    """The `model.*` and `dataset.image_size` fields on which two configs differ.
-
-    Returns:
-      One line per differing field, `"model.window: 5 (given) vs 11 (saved)"`;
-      empty when the configs build the same network.
-    """
-    given = _flatten(config.model.to_dict(), "model")
-    kept = _flatten(saved.model.to_dict(), "model")
-    for field in CHECKED_DATASET_FIELDS:
-        given[f"dataset.{field}"] = config.dataset.get(field)
-        kept[f"dataset.{field}"] = saved.dataset.get(field)
-    lines = []
-    for name in sorted(set(given) | set(kept)):
-        a, b = given.get(name, "<missing>"), kept.get(name, "<missing>")
-        if a != b:
-            lines.append(f"{name}: {a!r} (given) vs {b!r} (saved)")
-    return lines
-
-
-def resolve_config(
-    workdir: str, config: ml_collections.ConfigDict | None = None
-) -> ml_collections.ConfigDict:
-    """The config to rebuild a run with: the saved one, or `config` checked against it.
-
-    Args:
-      workdir: a training workdir (holds `config.json`, see
-        `config_lib.save_config`).
-      config: optional config (e.g. from `--config`); its `model` fields and
-        `dataset.image_size` must equal the saved ones (other fields, such as
-        the data paths, are taken from it).
-
-    Returns:
-      An unlocked copy of the config to use.
-
-    Raises:
-      FileNotFoundError: `workdir` has no `config.json`.
-      ValueError: `config` differs from the saved config in a model field
-        ("checkpoint from another config").
-    """
-    saved = config_lib.load_config(workdir)
-    if config is None:
-        return ml_collections.ConfigDict(saved.to_dict())
-    differences = config_differences(config, saved)
-    if differences:
-        raise ValueError(
-            f"The checkpoint in {workdir!r} comes from another config: the given config "
-            f"differs from {os.path.join(workdir, config_lib.CONFIG_FILE)} in\n  "
-            + "\n  ".join(differences)
-            + "\nEvaluate with the config the run was trained with (or omit --config)."
-        )
-    return ml_collections.ConfigDict(config.to_dict())
-
-
-def _path_name(path) -> str:
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
-
-
-def _leaf_specs(tree) -> dict[str, tuple[tuple[int, ...], str]]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {
-        _path_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name) for path, leaf in leaves
-    }
-
-
-def check_checkpoint_matches(manager, step: int, template: Any, workdir: str) -> None:
-    """Raises ValueError if the saved state's arrays differ from `template`'s.
-
-    Orbax restores a numpy template's arrays with the *checkpoint's* shapes
-    without complaint, and fails with an unrelated message on a different tree
-    structure, so the stored metadata is compared first.
-
-    Args:
-      manager: the run's orbax `CheckpointManager`.
-      step: the step to check.
-      template: a host `TrainState` of the expected structure, shapes, dtypes.
-      workdir: named in the message.
-    """
-    item = epath.Path(manager.directory) / str(step) / "state"
-    if item.exists():
-        metadata = ocp.StandardCheckpointHandler().metadata(item)
-    else:  # A step folder named otherwise: ask the manager.
-        metadata = manager.item_metadata(step)["state"]
-    stored = _leaf_specs(getattr(metadata, "tree", metadata))
-    expected = _leaf_specs(template)
-    problems = []
-    # Network parameters first: they name the layer that differs.
-    for name in sorted(set(stored) | set(expected), key=lambda n: (not n.startswith("params"), n)):
-        if name not in stored:
-            problems.append(f"{name}: missing from the checkpoint")
-        elif name not in expected:
-            problems.append(f"{name}: in the checkpoint but not in the model")
-        elif stored[name][0] != expected[name][0]:
-            problems.append(
-                f"{name}: shape {stored[name][0]} in the checkpoint vs {expected[name][0]} "
-                "from the config"
-            )
-    if problems:
-        shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
-        raise ValueError(
-            f"The checkpoint of step {step} in {workdir!r} does not fit the model built "
-            f"from the config (checkpoint from another config?):\n  " + "\n  ".join(shown)
-        )
-
-
-def state_template(config: ml_collections.ConfigDict):
-    """A host `TrainState` of zeros with the shapes `config` builds (no compilation)."""
-    # Imported here: train pulls in the input pipeline, which inference does not need.
-    from tusk_jax import train
-
-    model = models.TUSK(config.model)
-    abstract = jax.eval_shape(lambda: train.create_train_state(config, model))
-    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
-
-
-def restore_state(
-    workdir: str, config: ml_collections.ConfigDict, step: int | None = None
-) -> tuple[Any, int]:
-    """Restores the `TrainState` of `step` (default: the latest) of a run.
-
-    Args:
-      workdir: the training workdir.
-      config: the run's config (see `resolve_config`).
-      step: checkpoint step; None: the latest.
-
-    Returns:
-      `(state, step)`: the host `TrainState` (numpy leaves) and its step.
-
-    Raises:
-      FileNotFoundError: no checkpoint in `workdir`, or none at `step`.
-      ValueError: the checkpoint's arrays do not fit the model of `config`.
-    """
-    directory = checkpointing.checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"No checkpoint in {workdir!r}: {directory} does not exist. Train first with "
-            f"python -m tusk_jax.main --config=... --workdir={workdir}."
-        )
-    manager = checkpointing.create_manager(workdir, use_async=False)
-    try:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise FileNotFoundError(
-                f"No checkpoint in {workdir!r}: {directory} holds no complete step."
-            )
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise FileNotFoundError(
-                f"No checkpoint of step {step} in {workdir!r}; available steps: {steps}."
-            )
-        template = state_template(config)
-        check_checkpoint_matches(manager, step, template, workdir)
-        restored = checkpointing.restore(manager, template, step)
-    finally:
-        manager.close()
-    state, _, step = restored
-    logging.info("Restored step %d from %s.", step, directory)
-    return state, int(step)
-
 
 # ----------------------------------------------------------------------------
 # The detector.
@@ -282,7 +68,7 @@ class Detector:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.config = config
-        self.model = models.TUSK(config.model)
+        self.model = models.create_model(config)
         self.update(variables, prototypes, step)
         self.workdir = workdir
         self.batch_size = int(batch_size)
@@ -559,15 +345,15 @@ def load(
       workdir: the run's workdir (`config.json` and `checkpoints/`).
       step: checkpoint step; None: the latest.
       config: optional config, checked against the saved one (see
-        `resolve_config`); None: the saved config.
+        `checkpointing.resolve_config`); None: the saved config.
       batch_size: images per network call.
 
     Raises:
       FileNotFoundError: not a workdir, or no checkpoint (at `step`).
       ValueError: the checkpoint comes from another config.
     """
-    config = resolve_config(workdir, config)
-    state, step = restore_state(workdir, config, step)
+    config = checkpointing.resolve_config(workdir, config)
+    state, step = checkpointing.restore_state(workdir, config, step)
     return Detector(
         config, state.params, state.prototypes, step=step, batch_size=batch_size, workdir=workdir
     )

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tusk_jax import datasets
+from tusk_jax import config_lib, datasets
 
 ORDER_TAG = 0x7D5E  # Separates the data-order random stream from other uses of config.seed.
 IN_MEMORY_BYTES = 2 << 30  # Stored training images up to this size are kept in memory.
@@ -66,13 +66,7 @@ class TrainIterator:
 
     def __init__(self, config: ml_collections.ConfigDict):
         global_batch = int(config.train.batch_size)
-        num_devices = jax.device_count()
-        if global_batch <= 0 or global_batch % num_devices:
-            raise ValueError(
-                f"train.batch_size={global_batch} must be a positive multiple of the number "
-                f"of devices ({num_devices})"
-            )
-        self._per_device = global_batch // num_devices
+        self._per_device = config_lib.check_batch_split(global_batch, jax.device_count())
         self._local_devices = jax.local_device_count()
         self._local_batch = self._per_device * self._local_devices
         self._global_batch = global_batch

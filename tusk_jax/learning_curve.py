@@ -3,29 +3,14 @@
     python -m tusk_jax.learning_curve --workdir=runs/tetrominoes [--num_examples=500] [--every=1]
     python -m tusk_jax.learning_curve --runs=runs/a,runs/b --labels=lr1e-3,lr3e-3 --out=lr.png
 
-This module owns the curve of one run and plots of several. For a workdir it
-
-1. lists the kept checkpoint steps (`<workdir>/checkpoints/<step>`), keeps
-   the multiples of `every`, and evaluates each step not already in
-   `<workdir>/learning_curve.json` with `tusk_jax.evaluate.evaluate` (no
-   figures, nothing written under `eval/`), all through one `Detector`
-   whose weights are swapped per step, so the network compiles once;
-2. merges the training metrics logged at that step in `metrics.jsonl`
-   (every `loss/*`, `prototypes_in_use`, `steps_per_second`, prefixed
-   `train/`) and the training time `wall_seconds` (see `training_metrics`);
-3. writes `learning_curve.json` (a list of rows, one per step, sorted) after
-   every evaluated step, and `learning_curve.png`: one panel per evaluation
-   metric against the step, plus the training `loss/recon`.
-
-Steps already in the file are not evaluated again, so the command can be
-re-run while training goes on; rows of checkpoints the run has since deleted
-(`train.max_to_keep`) stay in the file. A file made with other evaluation
-settings (split, K, number of examples) is refused, not mixed.
-
-A row: `step`, `wall_seconds` (None when unknown), `dataset`, `split`,
-`num_keypoints`, every scalar evaluation metric of `evaluate` (fractions;
-`num_examples` is the number evaluated; None for a non-finite value) and the
-`train/...` metrics.
+For a workdir: evaluates each kept checkpoint step (multiples of `every`)
+not yet in `<workdir>/learning_curve.json` with `tusk_jax.evaluate.evaluate`
+(no figures; one `Detector`, so the network compiles once), merges the
+training metrics logged at that step (`train/...`, `wall_seconds`), and
+rewrites `learning_curve.json` (rows sorted by step) and `learning_curve.png`
+(one panel per metric). Re-running continues a curve; rows of deleted
+checkpoints stay; a curve made with other settings (split, K, examples) is
+refused, not mixed.
 """
 
 from __future__ import annotations
@@ -41,7 +26,7 @@ from absl import app, flags, logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tusk_jax import checkpointing, evaluate, inference, input_pipeline, summaries
+from tusk_jax import checkpointing, datasets, evaluate, inference, input_pipeline, summaries
 
 CURVE_FILE = "learning_curve.json"
 PLOT_FILE = "learning_curve.png"
@@ -93,7 +78,7 @@ def training_metrics(workdir: str, log_every: int) -> dict[int, dict[str, float 
 
     The run's log records no clock time, but each record's
     `steps_per_second` is measured over the wall-clock interval since the
-    previous record (`train.train_and_evaluate`), so the training time is
+    previous record (`train.fit`), so the training time is
     the sum over records of steps / steps_per_second: `wall_seconds`. It
     covers the training loop (first-step compilation, image summaries and
     checkpoint saves included), not the start-up before the loop nor the
@@ -176,6 +161,28 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------
 
 
+def _check_settings(config, num_examples: int, rows: dict[int, dict], path: str) -> None:
+    """ValueError if the curve's rows were evaluated with other settings than these."""
+    split = config.dataset.get("eval_split", "test")
+    total = input_pipeline.get_num_examples(config, split)
+    settings = {
+        "dataset": config.dataset.name,
+        "split": split,
+        "num_keypoints": int(config.model.num_keypoints),
+        "num_examples": total if num_examples == -1 else min(total, int(num_examples)),
+    }
+    for step, row in sorted(rows.items()):
+        differing = [
+            f"{k}={row.get(k)!r} (now {v!r})" for k, v in settings.items() if row.get(k) != v
+        ]
+        if differing:
+            raise ValueError(
+                f"{path} was made with other evaluation settings: step {step} has "
+                + ", ".join(differing)
+                + ". Re-run with the same settings, or move the file away to start a new curve."
+            )
+
+
 def update_learning_curve(
     workdir: str,
     *,
@@ -215,24 +222,7 @@ def update_learning_curve(
     path = os.path.join(workdir, CURVE_FILE)
     rows = {int(r["step"]): r for r in read_curve(path)}
 
-    split = config.dataset.get("eval_split", "test")
-    total = input_pipeline.get_num_examples(config, split)
-    settings = {
-        "dataset": config.dataset.name,
-        "split": split,
-        "num_keypoints": int(config.model.num_keypoints),
-        "num_examples": total if num_examples == -1 else min(total, int(num_examples)),
-    }
-    for step, row in sorted(rows.items()):
-        differing = [
-            f"{k}={row.get(k)!r} (now {v!r})" for k, v in settings.items() if row.get(k) != v
-        ]
-        if differing:
-            raise ValueError(
-                f"{path} was made with other evaluation settings: step {step} has "
-                + ", ".join(differing)
-                + ". Re-run with the same settings, or move the file away to start a new curve."
-            )
+    _check_settings(config, num_examples, rows, path)
 
     todo = [s for s in wanted if s not in rows]
     logging.info(
@@ -245,7 +235,7 @@ def update_learning_curve(
     )
     if todo and detector is None:
         # Zeros of the right shapes: `evaluate` swaps each step's weights in.
-        template = inference.state_template(config)
+        template = checkpointing.state_template(config)
         detector = inference.Detector(config, template.params, template.prototypes, workdir=workdir)
     for step in todo:
         try:
@@ -313,10 +303,12 @@ def plotted_metrics(curves: Sequence[Sequence[dict[str, Any]]]) -> list[str]:
                 if name not in NOT_PLOTTED and not name.startswith(TRAIN_PREFIX):
                     if name not in found:
                         found.append(name)
+    names = {rows[0].get("dataset") for rows in curves if rows} & set(datasets.names())
     paper = [
-        key
+        row.metric
         for rows in curves
-        for key, *_ in evaluate.PAPER_RESULTS.get(rows[0].get("dataset") if rows else "", [])
+        if rows and rows[0].get("dataset") in names
+        for row in datasets.get_info(rows[0]["dataset"]).paper
     ]
     first = [k for k in dict.fromkeys(paper) if k in found]
     panels = first + [k for k in found if k not in first]

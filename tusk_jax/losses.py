@@ -1,40 +1,84 @@
-"""The training objectives of SPEC section 3, on batched model outputs.
+"""The training objectives of SPEC section 3: unweighted terms and their weighted sum.
 
-Each function takes the batched arrays the model produces and returns a
-scalar; the weights are applied by the caller (`tusk_jax.train`).
+Each loss returns one unweighted scalar term; `weighted_total` sums
+`weights[name] * term` over the terms given, in their order. `WEIGHT_FIELDS`
+is the one list of terms and the `config.loss` field of each weight, so a new
+loss is one function and one weight.
 """
 
+import dataclasses
 import functools
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tusk_jax import config_lib, ops, perceptual
+from tusk_jax import ops, perceptual
+
+# Term name -> the `config.loss` field of its weight.
+WEIGHT_FIELDS = {
+    "recon": "recon_weight",
+    "kmeans": "kmeans_weight",
+    "eqv_score": "eqv_score_weight",
+    "eqv_feature": "eqv_feature_weight",
+    "sw": "sw_weight",
+}
+# What trains the prototypes (`train.prototype_objective`) -> the term it minimises.
+PROTOTYPE_OBJECTIVES = {"sliced_wasserstein": "sw", "kmeans": "kmeans"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The fields the losses read (configs/base.py documents each under `loss`)."""
+
+    weights: Mapping[str, float]  # Term name -> weight (`WEIGHT_FIELDS`).
+    recon: str = "mse"
+    perceptual_reduction: str = "sum"
+    kmeans_temperature: float = 20.0
+    sw_num_projections: int = 100
+    sw_noise_std: float = 0.02
+    sw_count_rounding: str = "last"
+    sw_spread: str = "channel_mean"
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
+        loss = config.loss
+        fields = [f.name for f in dataclasses.fields(cls) if f.name != "weights"]
+        return cls(
+            weights={name: loss[field] for name, field in WEIGHT_FIELDS.items()},
+            **{name: loss[name] for name in fields},
+        )
+
+
+def weighted_total(terms: Mapping[str, jax.Array], weights: Mapping[str, float]) -> jax.Array:
+    """`sum(weights[name] * term)` over `terms`, in their order."""
+    names = list(terms)
+    total = weights[names[0]] * terms[names[0]]
+    for name in names[1:]:
+        total = total + weights[name] * terms[name]
+    return total
 
 
 def reconstruction_loss(
-    config: ml_collections.ConfigDict,
-    images: jax.Array,
-    reconstruction: jax.Array,
-    vgg_params=None,
+    cfg: LossConfig, images: jax.Array, reconstruction: jax.Array, vgg_params: Any = None
 ) -> jax.Array:
     """L_recon between `[B, H, W, 3]` images and reconstructions.
 
-    `config.loss.recon` 'mse': mean squared error over pixels and channels;
+    `cfg.recon` 'mse': mean squared error over pixels and channels;
     'perceptual': `tusk_jax.perceptual.perceptual_loss` with `vgg_params`.
     """
-    if config.loss.recon == "mse":
+    if cfg.recon == "mse":
         return jnp.mean((images - reconstruction) ** 2)
     if vgg_params is None:
         raise ValueError("loss.recon='perceptual' needs VGG16 parameters (loss.vgg16_weights).")
     return perceptual.perceptual_loss(
-        vgg_params, images, reconstruction, reduction=config.loss.perceptual_reduction
+        vgg_params, images, reconstruction, reduction=cfg.perceptual_reduction
     )
 
 
 def equivariance_losses(
-    config: ml_collections.ConfigDict,
     score_1: jax.Array,
     feature_1: jax.Array,
     score_2: jax.Array,
@@ -52,7 +96,6 @@ def equivariance_losses(
       feature_1, feature_2: `[B, H, W, C]` feature maps of I1 and I2.
       grids: `[B, H + 2p, W + 2p, 2]` normalised sampling grids of T.
     """
-    del config  # The maps are always reflection-padded (SPEC 3).
     warp = jax.vmap(functools.partial(ops.warp_padded, padding="reflect"))
     warped_score = warp(score_1[..., None], grids)[..., 0]
     warped_feature = warp(feature_1, grids)
@@ -62,24 +105,72 @@ def equivariance_losses(
     )
 
 
-def cluster_loss(
-    config: ml_collections.ConfigDict, descriptors: jax.Array, prototypes: jax.Array
-) -> jax.Array:
-    """L_km of `[B, K, C]` descriptors against `[M, C]` prototypes."""
+def cluster_loss(cfg: LossConfig, descriptors: jax.Array, prototypes: jax.Array) -> jax.Array:
+    """L_km of `[..., C]` descriptors against `[M, C]` prototypes."""
     flat = descriptors.reshape(-1, descriptors.shape[-1])
-    return ops.kmeans_loss(flat, prototypes, config.loss.kmeans_temperature)
+    return ops.kmeans_loss(flat, prototypes, cfg.kmeans_temperature)
 
 
 def prototype_loss(
-    config: ml_collections.ConfigDict, key: jax.Array, descriptors: jax.Array, prototypes: jax.Array
+    cfg: LossConfig, key: jax.Array, descriptors: jax.Array, prototypes: jax.Array
 ) -> jax.Array:
     """L_sw of `[N, C]` descriptors (the global batch) against `[M, C]` prototypes."""
     return ops.sliced_wasserstein_loss(
         key,
         descriptors,
         prototypes,
-        config.loss.sw_num_projections,
-        config.loss.sw_noise_std,
-        config_lib.sw_count_rounding(config),
-        config.loss.sw_spread,
+        cfg.sw_num_projections,
+        cfg.sw_noise_std,
+        cfg.sw_count_rounding,
+        cfg.sw_spread,
     )
+
+
+def network_terms(
+    cfg: LossConfig,
+    images: jax.Array,
+    grids: jax.Array,
+    out: dict[str, jax.Array],
+    prototypes: jax.Array,
+    vgg_params: Any = None,
+) -> dict[str, jax.Array]:
+    """The encoder/decoder terms of one batch of pairs: recon, kmeans, eqv_score, eqv_feature.
+
+    Args:
+      images: `[2b, H, W, 3]`, the b first images I1 then their warps I2.
+      grids: `[b, ...]` the pairs' warps (see `equivariance_losses`).
+      out: the model's outputs on `images`.
+      prototypes: `[M, C]`.
+    """
+    b = grids.shape[0]
+    terms = {
+        "recon": reconstruction_loss(cfg, images, out["reconstruction"], vgg_params),
+        "kmeans": cluster_loss(cfg, out["descriptors"], prototypes),
+    }
+    terms["eqv_score"], terms["eqv_feature"] = equivariance_losses(
+        out["score_map"][:b],
+        out["feature_map"][:b],
+        out["score_map"][b:],
+        out["feature_map"][b:],
+        grids,
+    )
+    return terms
+
+
+def prototype_objective(cfg: LossConfig, kind: str) -> tuple[str, Callable]:
+    """`(term name, f(key, descriptors [N, C], prototypes) -> (weighted, unweighted))`.
+
+    `kind`: 'sliced_wasserstein' (L_sw, the method) or 'kmeans' (L_km, the
+    paper's Table 6 ablation).
+    """
+    name = PROTOTYPE_OBJECTIVES[kind]
+    weight = cfg.weights[name]
+
+    def objective(key, descriptors, prototypes):
+        if name == "kmeans":
+            term = cluster_loss(cfg, descriptors, prototypes)
+        else:
+            term = prototype_loss(cfg, key, descriptors, prototypes)
+        return weight * term, term
+
+    return name, objective

@@ -10,7 +10,7 @@ units with the centre of the top-left pixel at (0, 0) (SPEC section 1).
 Parameters are kept under two top-level subtrees, `params['encoder']` and
 `params['decoder']`, so an optimizer can treat them separately:
 
-    model = TUSK(config.model)
+    model = create_model(config)           # or TUSK(ModelConfig(...))
     variables = model.init(key, images)        # {'params': {'encoder', 'decoder'}}
     out = model.apply(variables, images)       # dict, see TUSK.__call__
     score, feats = model.apply(variables, images, method=TUSK.encode)
@@ -34,6 +34,7 @@ Conv kernels and biases start as PyTorch's defaults (uniform in
 zero biases). GroupNorm epsilon is 1e-5 as in PyTorch.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -85,22 +86,41 @@ def conv(x: jax.Array, features: int, kernel: int, init: str, name: str) -> jax.
     return nn.Conv(features, (kernel, kernel), padding="SAME", name=name, **initializers)(x)
 
 
-def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Returns the `model` sub-config of a whole config, or `config` itself."""
-    if "model" in config:
-        return config.model
-    return config
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The fields the networks read (configs/base.py documents each under `model`)."""
+
+    base_width: int = 32
+    depth: int = 4
+    feature_dim: int = 32
+    num_groups: int = 32
+    head_groups: int = 0
+    init: str = "pytorch"
+    upsample_align_corners: bool = True
+    num_keypoints: int = 3
+    window: int = 27
+    temperature: float = 0.2
+    soft_argmax_border: str = "zeros"
+    descriptor_sampling: str = "nearest"
+    splat_variance: float = 0.05
+    decoder_mode: str = "alpha"
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "ModelConfig":
+        """The `model` fields of a whole config or of its `model` sub-config."""
+        model = config.model if "model" in config else config
+        return cls(**{field.name: model[field.name] for field in dataclasses.fields(cls)})
 
 
-def check_model_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError if the `model` fields cannot build a network.
+def create_model(config: ml_collections.ConfigDict) -> "TUSK":
+    """`TUSK` with the `model` fields of a whole config (or of its `model` sub-config)."""
+    return TUSK(ModelConfig.from_config(config))
 
-    Args:
-      config: the `model` sub-config (or the whole config).
-    """
-    cfg = model_config(config)
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Raises ValueError if the `model` fields cannot build a network."""
     for field in ("base_width", "depth", "feature_dim", "num_groups", "num_keypoints"):
-        value = cfg[field]
+        value = getattr(cfg, field)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config model.{field} must be a positive int, got {value!r}.")
     for level in range(cfg.depth):
@@ -123,8 +143,9 @@ def check_model_config(config: ml_collections.ConfigDict) -> None:
         "soft_argmax_border": ops.SOFT_ARGMAX_BORDERS,
     }
     for field, valid in choices.items():
-        if cfg[field] not in valid:
-            raise ValueError(f"config model.{field} must be one of {valid}, got {cfg[field]!r}.")
+        value = getattr(cfg, field)
+        if value not in valid:
+            raise ValueError(f"config model.{field} must be one of {valid}, got {value!r}.")
     if not isinstance(cfg.window, int) or cfg.window < 1 or cfg.window % 2 == 0:
         raise ValueError(f"config model.window must be a positive odd int, got {cfg.window!r}.")
     if cfg.decoder_mode not in DECODER_MODES:
@@ -332,17 +353,13 @@ class TUSK(nn.Module):
     """The full TUSK model: encoder, keypoint extraction, decoder.
 
     Attributes:
-      config: the `model` sub-config (`config.model`) or the whole config (its
-        `model` field is used). Fields read: base_width, depth, feature_dim,
-        num_groups, head_groups, init, upsample_align_corners, num_keypoints,
-        window, temperature, soft_argmax_border, descriptor_sampling,
-        splat_variance, decoder_mode (see configs/base.py).
+      config: the `ModelConfig` (`create_model(config)` builds one from a config).
     """
 
-    config: ml_collections.ConfigDict
+    config: ModelConfig
 
     def setup(self) -> None:
-        cfg = model_config(self.config)
+        cfg = self.config
         check_model_config(cfg)
         self.encoder = Encoder(
             cfg.base_width,
@@ -381,7 +398,7 @@ class TUSK(nn.Module):
           over K).
         """
         if num_keypoints is None:
-            num_keypoints = model_config(self.config).num_keypoints
+            num_keypoints = self.config.num_keypoints
         score_map, feature_map = self.encode(images)
         out = {"score_map": score_map, "feature_map": feature_map}
         out.update(self.extract(score_map, feature_map, num_keypoints))
@@ -399,7 +416,7 @@ class TUSK(nn.Module):
     def keypoints(self, images: jax.Array, num_keypoints: int | None = None) -> dict[str, Any]:
         """Encoder and keypoint extraction without the decoder: `extract`'s dict."""
         if num_keypoints is None:
-            num_keypoints = model_config(self.config).num_keypoints
+            num_keypoints = self.config.num_keypoints
         return self.extract(*self.encode(images), num_keypoints)
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -411,7 +428,7 @@ class TUSK(nn.Module):
         """
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be [B, H, W, 3], got shape {images.shape}.")
-        check_image_size(images.shape[1], images.shape[2], model_config(self.config).depth)
+        check_image_size(images.shape[1], images.shape[2], self.config.depth)
         return self.encoder(images)
 
     def extract(
@@ -431,7 +448,7 @@ class TUSK(nn.Module):
           (F read at the keypoints as `model.descriptor_sampling` says, then
           L2-normalised).
         """
-        cfg = model_config(self.config)
+        cfg = self.config
         window, temperature, border = cfg.window, float(cfg.temperature), cfg.soft_argmax_border
         keypoints, confidence = jax.vmap(
             lambda s: ops.detect_keypoints(s, num_keypoints, window, temperature, border)
@@ -466,5 +483,5 @@ class TUSK(nn.Module):
           dict with `reconstruction` `[B, H, W, 3]` in [0, 1]; alpha mode adds
           `rgb` `[B, K, H, W, 3]` and `alpha` `[B, K, H, W]` (softmax over K).
         """
-        check_image_size(height, width, model_config(self.config).depth)
+        check_image_size(height, width, self.config.depth)
         return self.decoder(keypoints, confidence, descriptors, height, width)

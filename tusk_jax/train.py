@@ -1,26 +1,13 @@
-"""Training: the state, the alternating train step and the loop (SPEC sections 3-4).
+"""The training loop: `fit(config, workdir)` trains or resumes a run.
 
-`train_and_evaluate(config, workdir)` is the one entry point used by
-`python -m tusk_jax.main`, the tests and the notebooks.
-
-One iteration (`train_step`, `pmap`ped over the devices, axis 'batch'):
-  1. every image of the batch becomes a TPS pair (I1, I2) on device;
-  2. one Adam step of encoder + decoder on
-     L_recon + L_km + L_eqv with the prototypes frozen, gradients averaged
-     across devices;
-  3. the descriptors of the updated encoder (one more encoder pass, as the
-     reference; `train.prototype_descriptors='stale'` reuses those of step
-     2's forward pass) are all-gathered across devices and
-     `num_prototype_steps` Adam steps of the prototypes on L_sw run in a
-     `lax.scan`.
-Every device computes the same prototype update from the same gathered
-descriptors and the same key, so the prototypes stay identical everywhere
-without communication. Ablations (the paper's Tables 4 and 6):
-`train.alternate=False` trains the prototypes jointly in the single step;
-`train.prototype_objective='kmeans'` trains them with L_km instead of L_sw.
+Used by `python -m tusk_jax.main`, the tests and the notebooks. The step
+itself is `tusk_jax.step`; the state `tusk_jax.state`. Resources (checkpoint
+manager, input iterator, summary writer, signal handlers) close in one
+`ExitStack`; `every` decides the log, image and checkpoint steps.
 """
 
-import functools
+import contextlib
+import dataclasses
 import os
 import signal
 import time
@@ -28,337 +15,25 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from flax import struct
-from jax import lax
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from tusk_jax import (
     checkpointing,
     config_lib,
     distributed,
-    evaluate,
     inference,
     input_pipeline,
-    losses,
     models,
-    ops,
     perceptual,
     summaries,
+    visualization,
 )
-
-AXIS = "batch"
-
-
-@struct.dataclass
-class TrainState:
-    """Everything a run needs to continue; checkpointed as one pytree.
-
-    Attributes:
-      step: int32 scalar, iterations done.
-      params: flax variables `{'params': {'encoder': ..., 'decoder': ...}}`.
-      prototypes: `[M, C]` prototypes (L2-normalised wherever they are used).
-      opt_state: Adam state of encoder + decoder.
-      prototype_opt_state: Adam state of the prototypes.
-      rng: base PRNG key (uint32 `[2]`); each step folds in its step number.
-      tx, prototype_tx: the two optax transformations (not pytree leaves).
-    """
-
-    step: jax.Array
-    params: Any
-    prototypes: jax.Array
-    opt_state: Any
-    prototype_opt_state: Any
-    rng: jax.Array
-    tx: optax.GradientTransformation = struct.field(pytree_node=False)
-    prototype_tx: optax.GradientTransformation = struct.field(pytree_node=False)
-
-
-def make_optimizers(
-    config: ml_collections.ConfigDict, device_count: int | None = None
-) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
-    """Adam for encoder + decoder and Adam(b1=0.5) for the prototypes (SPEC 3).
-
-    The encoder/decoder learning rate follows `train.lr_schedule` (see
-    `learning_rate_schedule`); the prototypes' is constant.
-    """
-    scale = 1.0
-    if config.train.scale_lr_by_devices:
-        scale = float(jax.device_count() if device_count is None else device_count)
-    schedule, warmup_steps = config_lib.lr_schedule(config)
-    return _optimizers(
-        config.train.learning_rate * scale,
-        schedule,
-        int(warmup_steps),
-        int(config.train.num_steps),
-        config.train.prototype_learning_rate * scale,
-        config.train.prototype_b1,
-        config.train.prototype_b2,
-    )
-
-
-def learning_rate_schedule(
-    peak: float, schedule: str, warmup_steps: int, num_steps: int
-) -> float | optax.Schedule:
-    """The encoder/decoder learning rate: a constant, or a function of the step.
-
-    cosine: 0 -> `peak` linearly over `warmup_steps`, then a half cosine from
-    `peak` to 0 at `num_steps` (optax counts the Adam updates, so a resumed
-    run continues the same curve).
-    """
-    if schedule == "constant":
-        return peak
-    if schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=peak, warmup_steps=warmup_steps, decay_steps=num_steps
-        )
-    raise ValueError(f"unknown train.lr_schedule {schedule!r}; valid: {config_lib.LR_SCHEDULES}.")
-
-
-def learning_rate_at(config: ml_collections.ConfigDict, update: int) -> float:
-    """The encoder/decoder lr of 0-based Adam update `update`, before device scaling."""
-    schedule, warmup_steps = config_lib.lr_schedule(config)
-    lr = learning_rate_schedule(
-        config.train.learning_rate, schedule, warmup_steps, config.train.num_steps
-    )
-    return float(lr(update) if callable(lr) else lr)
-
-
-@functools.cache
-def _optimizers(
-    learning_rate,
-    schedule,
-    warmup_steps,
-    num_steps,
-    prototype_learning_rate,
-    prototype_b1,
-    prototype_b2,
-):
-    # Cached: the transformations are static fields of TrainState, hence part
-    # of its tree structure; equal settings must give the very same objects or
-    # every new state would compile the step again.
-    lr = learning_rate_schedule(learning_rate, schedule, warmup_steps, num_steps)
-    return optax.adam(lr), optax.adam(prototype_learning_rate, b1=prototype_b1, b2=prototype_b2)
-
-
-def replicate(tree: Any, devices: list | None = None) -> Any:
-    """Copies every leaf to each device, stacked on a leading axis, for `pmap`.
-
-    The arrays get the sharding `pmap` gives its own outputs (a mesh axis
-    named 'batch'), so feeding a replicated state and feeding the state a
-    step returned run the same compiled program (flax's `replicate` uses
-    another mesh axis name, which costs a second compilation).
-    """
-    devices = jax.local_devices() if devices is None else devices
-    sharding = jax.sharding.NamedSharding(
-        jax.sharding.Mesh(np.asarray(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS)
-    )
-    return jax.tree.map(
-        lambda x: jax.device_put(
-            np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))), sharding
-        ),
-        tree,
-    )
-
-
-def unreplicate(tree: Any) -> Any:
-    """The first device's copy of a replicated tree, on the host (numpy)."""
-    return jax.device_get(jax.tree.map(lambda x: x[0], tree))
-
-
-def create_train_state(config: ml_collections.ConfigDict, model: models.TUSK) -> TrainState:
-    """Initial state: network parameters, prototypes ~ N(0, 1), fresh optimizers."""
-    rng = jax.random.PRNGKey(config.seed)
-    key_params, key_prototypes, key_train = jax.random.split(rng, 3)
-    size = config.dataset.image_size
-    params = jax.jit(model.init)(key_params, jnp.zeros((1, size, size, 3), jnp.float32))
-    prototypes = jax.random.normal(
-        key_prototypes, (config.model.num_prototypes, config.model.feature_dim)
-    )
-    tx, prototype_tx = make_optimizers(config)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        prototypes=prototypes,
-        opt_state=tx.init(params),
-        prototype_opt_state=prototype_tx.init(prototypes),
-        rng=key_train,
-        tx=tx,
-        prototype_tx=prototype_tx,
-    )
-
-
-def tps_arguments(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Keyword arguments of `ops.make_training_pair` from `config.tps`."""
-    t = config.tps
-    return dict(
-        scale=t.scale,
-        scale_var=t.scale_var,
-        tps=t.tps,
-        off=t.off,
-        rot=t.rot,
-        padding=t.padding,
-        cval=t.cval,
-    )
-
-
-def train_step(
-    state: TrainState,
-    images: jax.Array,
-    vgg_params: Any,
-    *,
-    model: models.TUSK,
-    config: ml_collections.ConfigDict,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One TUSK iteration on one device's share of the batch (run under `pmap`).
-
-    Args:
-      state: the replicated `TrainState`.
-      images: `[b, H, W, 3]` float in [0, 1], this device's images; each
-        becomes one pair.
-      vgg_params: frozen VGG16 parameters for the perceptual loss, or None.
-      model, config: static, bound with `functools.partial`.
-
-    Returns:
-      `(new_state, metrics)`; metrics are averaged over devices.
-    """
-    local_batch = images.shape[0]
-    step_key = jax.random.fold_in(state.rng, state.step)
-    pair_key, prototype_key = jax.random.split(step_key)
-    # Per-example keys from the *global* example index: the pairs do not
-    # depend on how the global batch is split over devices or processes.
-    first_example = lax.axis_index(AXIS) * local_batch
-    example_keys = jax.vmap(lambda i: jax.random.fold_in(pair_key, first_example + i))(
-        jnp.arange(local_batch)
-    )
-    i1, i2, grids = jax.vmap(functools.partial(ops.make_training_pair, **tps_arguments(config)))(
-        example_keys, images
-    )
-    both = jnp.concatenate([i1, i2], axis=0)
-    weights = config.loss
-    joint = not config.train.alternate
-    kmeans_prototypes = config_lib.prototype_objective(config) == "kmeans"
-
-    def prototype_objective(key, descriptors, prototypes):
-        """What the prototypes minimise: weighted L_sw, or L_km in the k-means ablation."""
-        if kmeans_prototypes:
-            return weights.kmeans_weight * losses.cluster_loss(config, descriptors, prototypes)
-        return weights.sw_weight * losses.prototype_loss(config, key, descriptors, prototypes)
-
-    def loss_fn(params, prototypes):
-        if not joint:
-            prototypes = lax.stop_gradient(prototypes)
-        out = model.apply(params, both)
-        terms = {
-            "recon": losses.reconstruction_loss(config, both, out["reconstruction"], vgg_params),
-            "kmeans": losses.cluster_loss(config, out["descriptors"], prototypes),
-        }
-        terms["eqv_score"], terms["eqv_feature"] = losses.equivariance_losses(
-            config,
-            out["score_map"][:local_batch],
-            out["feature_map"][:local_batch],
-            out["score_map"][local_batch:],
-            out["feature_map"][local_batch:],
-            grids,
-        )
-        total = (
-            weights.recon_weight * terms["recon"]
-            + weights.kmeans_weight * terms["kmeans"]
-            + weights.eqv_score_weight * terms["eqv_score"]
-            + weights.eqv_feature_weight * terms["eqv_feature"]
-        )
-        if joint and not kmeans_prototypes:
-            # (With k-means prototypes, the L_km term above already trains them.)
-            descriptors = _gather_descriptors(out["descriptors"])
-            terms["sw"] = losses.prototype_loss(config, prototype_key, descriptors, prototypes)
-            total = total + weights.sw_weight * terms["sw"]
-        return total, (terms, out)
-
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
-    (total, (terms, out)), (grads, prototype_grads) = grad_fn(state.params, state.prototypes)
-    grads = lax.pmean(grads, AXIS)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-
-    if config.train.prototype_descriptors == "updated":
-        # The reference fits the prototypes to the descriptors of the updated
-        # encoder (one more forward pass; fixed during the prototype steps).
-        fitted = model.apply(params, both, method=models.TUSK.keypoints)["descriptors"]
-    else:
-        fitted = out["descriptors"]  # From before the update: no extra pass.
-    descriptors = _gather_descriptors(lax.stop_gradient(fitted))
-    prototypes, prototype_opt_state = state.prototypes, state.prototype_opt_state
-    metrics = {}
-    if joint:
-        prototype_grads = lax.pmean(prototype_grads, AXIS)
-        prototype_updates, prototype_opt_state = state.prototype_tx.update(
-            prototype_grads, prototype_opt_state, prototypes
-        )
-        prototypes = optax.apply_updates(prototypes, prototype_updates)
-        metrics["prototype_grad_norm"] = optax.tree.norm(prototype_grads)
-    elif config.train.num_prototype_steps > 0:
-
-        def prototype_step(carry, index):
-            prototypes, opt_state = carry
-            loss, grad = jax.value_and_grad(
-                lambda p: prototype_objective(
-                    jax.random.fold_in(prototype_key, index), descriptors, p
-                )
-            )(prototypes)
-            updates, opt_state = state.prototype_tx.update(grad, opt_state, prototypes)
-            return (optax.apply_updates(prototypes, updates), opt_state), (
-                loss,
-                optax.tree.norm(grad),
-            )
-
-        (prototypes, prototype_opt_state), (sw_losses, sw_grad_norms) = lax.scan(
-            prototype_step,
-            (prototypes, prototype_opt_state),
-            jnp.arange(config.train.num_prototype_steps),
-        )
-        if not kmeans_prototypes:
-            terms["sw"] = sw_losses[0] / weights.sw_weight if weights.sw_weight else sw_losses[0]
-        metrics["prototype_loss_first"] = sw_losses[0]
-        metrics["prototype_loss_last"] = sw_losses[-1]
-        metrics["prototype_grad_norm"] = sw_grad_norms[0]
-
-    nearest = ops.nearest_prototype(descriptors, prototypes)
-    metrics.update({f"loss/{name}": value for name, value in terms.items()})
-    metrics["loss/total"] = total
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["confidence"] = jnp.mean(out["confidence"])
-    metrics = lax.pmean(metrics, AXIS)
-    # Identical on every device (computed from the gathered descriptors).
-    metrics["prototypes_in_use"] = jnp.sum(
-        jnp.bincount(nearest, length=config.model.num_prototypes) > 0
-    )
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        prototypes=prototypes,
-        opt_state=opt_state,
-        prototype_opt_state=prototype_opt_state,
-    )
-    return new_state, metrics
-
-
-def _gather_descriptors(descriptors: jax.Array) -> jax.Array:
-    """`[b, K, C]` per device -> `[N, C]` descriptors of the global batch."""
-    flat = descriptors.reshape(-1, descriptors.shape[-1])
-    return lax.all_gather(flat, AXIS, tiled=True)
-
-
-def make_p_train_step(config: ml_collections.ConfigDict, model: models.TUSK) -> Callable:
-    """`train_step` with its static arguments bound, `pmap`ped over local devices."""
-    return jax.pmap(
-        functools.partial(train_step, model=model, config=config),
-        axis_name=AXIS,
-        donate_argnums=(0,),
-    )
+from tusk_jax import state as state_lib
+from tusk_jax import step as step_lib
 
 
 class NonFiniteError(FloatingPointError):
@@ -374,6 +49,18 @@ def check_finite(step: int, metrics: dict[str, float]) -> None:
             raise NonFiniteError(
                 f"Non-finite value at step {step}: {name} = {value}. "
                 "Lower the learning rates or check the input data; the last good "
+                "checkpoint is kept in the workdir."
+            )
+
+
+def check_finite_arrays(step: int, tree: Any) -> None:
+    """Raises `NonFiniteError` naming the first NaN/Inf array of `tree` after `step`."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    for path, leaf in leaves:
+        if not np.all(np.isfinite(leaf)):
+            raise NonFiniteError(
+                f"Non-finite value after step {step}: {jax.tree_util.keystr(path)} holds NaN "
+                "or Inf. Lower the learning rates or check the input data; the last good "
                 "checkpoint is kept in the workdir."
             )
 
@@ -395,6 +82,8 @@ class _StopRequest:
 
     def _handle(self, signum, frame):
         del frame
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # A second Ctrl-C: stop now, without a checkpoint.
         self.signal_name = signal.Signals(signum).name
 
     def __exit__(self, *exc):
@@ -403,125 +92,261 @@ class _StopRequest:
         return False
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains (or resumes) a TUSK model in `workdir`; returns the final host state.
+def fit(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False
+) -> state_lib.TrainState:
+    """Trains (or resumes) a TUSK run in `workdir`; returns the final host state.
 
-    Restores the latest checkpoint and the input position when `workdir` has
-    one; writes metrics (`metrics.jsonl`, TensorBoard), image summaries and
-    checkpoints; stops cleanly with a checkpoint on SIGTERM / SIGINT; raises
-    `NonFiniteError` naming the step and the term when a loss goes NaN/Inf.
+    Restores the newest intact checkpoint and the input position when
+    `workdir` has one (corrupt newer steps are set aside, see
+    `checkpointing.restore_newest_intact`); writes metrics (`metrics.jsonl`,
+    TensorBoard), image summaries and checkpoints; stops cleanly with a
+    checkpoint on SIGTERM / SIGINT (also during start-up). A resumed run's
+    config is compared with its `config.json` first
+    (`config_lib.check_resume_config`; changes of meaning need
+    `allow_config_change` and are recorded in `config_changes.jsonl`).
+
+    Raises:
+      config_lib.ConfigError: an invalid config, or a refused config change.
+      checkpointing.CheckpointError: the workdir is not writable, a save
+        failed (disk full, read-only), or no checkpoint is intact.
+      NonFiniteError: a loss, gradient norm or parameter went NaN/Inf (names
+        the step and the term).
     """
+    with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(_StopRequest())
+        run = _start(config, workdir, allow_config_change, stack)
+        return _loop(run, stop)
+
+
+train_and_evaluate = fit  # The former name (it never evaluated); main and notebooks used it.
+
+
+def every(step: int, period: int, last_step: int, at_last: bool) -> bool:
+    """Whether periodic work runs after `step`: multiples of `period`; at `last_step`, `at_last`."""
+    if step == last_step:
+        return at_last
+    return step % period == 0
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the loop needs, made by `_start` (closed by its `ExitStack`)."""
+
+    config: ml_collections.ConfigDict
+    manager: Any
+    train_iter: Any
+    writer: summaries.SummaryWriter
+    p_train_step: Callable
+    vgg_params: Any
+    replicated: state_lib.TrainState
+    start_step: int
+
+
+def _prepare_workdir(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
+) -> list:
+    """Checks the config against a run to resume, then that the folders are writable."""
+    if not workdir or not str(workdir).strip():
+        raise config_lib.ConfigError("--workdir is empty: name the run's folder.")
+    changes = []
+    if checkpointing.saved_steps(workdir):
+        changes = config_lib.check_resume_config(config, workdir, allow_config_change)
+    if jax.process_index() == 0:
+        checkpointing.check_writable(workdir, checkpointing.checkpoint_dir(workdir))
+    return changes
+
+
+def _start(config, workdir, allow_config_change, stack: contextlib.ExitStack) -> _Run:
+    """Validates, restores (or initialises) the run and opens what the loop writes to."""
     config_lib.validate_config(config)
+    changes = _prepare_workdir(config, workdir, allow_config_change)
     workdir = os.path.abspath(workdir)
-    is_primary = jax.process_index() == 0
-    if is_primary:
-        os.makedirs(workdir, exist_ok=True)
-        config_lib.save_config(config, workdir)
-
-    model = models.TUSK(config.model)
-    state = create_train_state(config, model)
+    model = models.create_model(config)
+    state = state_lib.create_train_state(config, model)
     manager = checkpointing.create_manager(workdir, config.train.max_to_keep)
+    stack.enter_context(_finishing_saves(manager))
     train_iter = input_pipeline.create_train_iterator(config)
-    restored = checkpointing.restore(manager, jax.device_get(state))
-    if restored is not None:
-        host_state, data_state, restored_step = restored
-        state = state.replace(**{f: getattr(host_state, f) for f in _PYTREE_FIELDS})
-        train_iter.set_state(data_state)
-        logging.info("Resumed from the checkpoint of step %d in %s.", restored_step, workdir)
-    start_step = int(state.step)
-
+    stack.callback(train_iter.close)
+    state, restored = _restore(manager, train_iter, state, workdir)
+    if jax.process_index() == 0:
+        # Written only now: a refused config or an unreadable run leaves the old one.
+        config_lib.save_config(config, workdir)
+        if restored and changes:
+            config_lib.record_config_changes(workdir, int(state.step), changes)
+            logging.warning(
+                "Resuming at step %d with a changed config (recorded in %s): %s",
+                int(state.step),
+                config_lib.CHANGES_FILE,
+                ", ".join(f"{f} {a!r} -> {b!r}" for f, a, b, _ in changes),
+            )
     vgg_params = None
     if config.loss.recon == "perceptual":
-        vgg_params = replicate(perceptual.load_vgg16_params(config.loss.vgg16_weights))
-    p_train_step = make_p_train_step(config, model)
-    replicated = replicate(state)
-    writer = summaries.SummaryWriter(workdir)
-    write_images = _ImageSummaries(config, writer)
-    num_steps = config.train.num_steps
-    pending = None  # (step, device metrics): fetched one step late, not to stall dispatch
-    accumulated: list[dict[str, float]] = []
-    last_log_time = time.time()
+        vgg_params = state_lib.replicate(perceptual.load_vgg16_params(config.loss.vgg16_weights))
+    return _Run(
+        config=config,
+        manager=manager,
+        train_iter=train_iter,
+        writer=stack.enter_context(_closing(summaries.SummaryWriter(workdir))),
+        p_train_step=step_lib.make_p_train_step(config, model),
+        vgg_params=vgg_params,
+        replicated=state_lib.replicate(state),
+        start_step=int(state.step),
+    )
 
-    def consume(step, device_metrics):
-        nonlocal last_log_time
-        host = {k: float(v) for k, v in unreplicate(device_metrics).items()}
-        check_finite(step, host)
-        accumulated.append(host)
-        if step % config.train.log_every == 0 or step == num_steps:
-            means = {k: float(np.mean([m[k] for m in accumulated])) for k in accumulated[0]}
-            now = time.time()
-            means["steps_per_second"] = len(accumulated) / max(now - last_log_time, 1e-9)
-            means["learning_rate"] = learning_rate_at(config, step - 1)
-            last_log_time = now
-            writer.write_scalars(step, means)
-            accumulated.clear()
-            bar.set_postfix(
-                recon=f"{means['loss/recon']:.4f}",
-                sw=f"{means.get('loss/sw', float('nan')):.3f}",
-                protos=int(means["prototypes_in_use"]),
-            )
 
-    def save(step, force=False):
-        host_state = unreplicate(replicated)
-        checkpointing.save(manager, step, host_state, train_iter.get_state(), force=force)
+def _restore(manager, train_iter, state, workdir: str) -> tuple[state_lib.TrainState, bool]:
+    """`state` with the newest intact checkpoint's arrays (and the input position) if any."""
+    restored, corrupt = checkpointing.restore_newest_intact(manager, jax.device_get(state), workdir)
+    if corrupt:
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("tusk_jax: corrupt checkpoints read")
+        checkpointing.set_aside(manager, workdir, corrupt, move=jax.process_index() == 0)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("tusk_jax: corrupt checkpoints moved")
+            manager.reload()
+    if restored is None:
+        return state, False
+    host_state, data_state, restored_step = restored
+    state = state.replace(**{f: getattr(host_state, f) for f in _PYTREE_FIELDS})
+    train_iter.set_state(data_state)
+    logging.info("Resumed from the checkpoint of step %d in %s.", restored_step, workdir)
+    return state, True
 
-    with (
-        _StopRequest() as stop,
-        tqdm(
-            total=num_steps,
-            initial=start_step,
-            desc="train",
-            disable=not is_primary,
-            dynamic_ncols=True,
-            mininterval=2.0,
-        ) as bar,
-    ):
-        step = start_step
+
+def _loop(run: _Run, stop: "_StopRequest") -> state_lib.TrainState:
+    """Steps until `train.num_steps` or a stop request; logs, draws and checkpoints on cadence."""
+    train = run.config.train
+    num_steps, replicated, pending = train.num_steps, run.replicated, None
+    write_images = _ImageSummaries(run.config, run.writer)
+    with tqdm(
+        total=num_steps,
+        initial=run.start_step,
+        desc="train",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+        mininterval=2.0,
+    ) as bar:
+        log = _MetricLog(run.config, run.writer, bar)
+        step = run.start_step
         vote = distributed.StopVote()  # every process stops after the same step
-        stopping = False
-        try:
-            while step < num_steps and not stopping:
-                batch = next(train_iter)
-                replicated, device_metrics = p_train_step(replicated, batch, vgg_params)
-                step += 1
-                if pending is not None:
-                    consume(*pending)
-                pending = (step, device_metrics)
-                bar.update(1)
-                if step % config.train.image_every == 0 or step == num_steps:
-                    write_images(step, replicated, batch)
-                if step % config.train.checkpoint_every == 0 and step < num_steps:
-                    consume(*pending)  # never checkpoint a state whose losses were not checked
-                    pending = None
-                    save(step)
-                vote.cast(stop.signal_name is not None)
-                stopping = vote.decided()
-            if pending is not None:
-                consume(*pending)
+        # One process: a signal during start-up (data, compilation) stops before the loop.
+        stopping = jax.process_count() == 1 and stop.signal_name is not None
+        while step < num_steps and not stopping:
+            batch = next(run.train_iter)
+            replicated, device_metrics = run.p_train_step(replicated, batch, run.vgg_params)
+            step += 1
+            if pending is not None:  # fetched one step late, not to stall dispatch
+                log.add(*pending)
+            pending = (step, device_metrics)
+            bar.update(1)
+            # A NaN is reported before the figures read the step or a checkpoint keeps it.
+            if every(step, train.image_every, num_steps, True):
+                log.add(*pending)
                 pending = None
-        except NonFiniteError:
-            manager.wait_until_finished()
-            writer.close()
-            raise
+                _write_image_summaries(write_images, step, replicated, batch)
+            if every(step, train.checkpoint_every, num_steps, False):
+                if pending is not None:
+                    log.add(*pending)
+                    pending = None
+                _save(run, replicated, step)
+            vote.cast(stop.signal_name is not None)
+            stopping = vote.decided()
+        if pending is not None:
+            log.add(*pending)
         if stopping:
             logging.warning(
-                "%s received: saving step %d and stopping.",
+                "%s received: %s.",
                 stop.signal_name or "Stop request of another process",
-                step,
+                f"saving step {step} and stopping"
+                if step > run.start_step
+                else f"stopping before the first step (step {step} is already saved or untrained)",
             )
-        if manager.latest_step() != step:
-            save(step, force=True)
-    manager.wait_until_finished()
+        if step > run.start_step and run.manager.latest_step() != step:
+            _save(run, replicated, step, force=True)
+    return state_lib.unreplicate(replicated)
+
+
+def _save(run: _Run, replicated, step: int, force: bool = False) -> None:
+    host_state = state_lib.unreplicate(replicated)
+    checkpointing.save(run.manager, step, host_state, run.train_iter.get_state(), force=force)
+
+
+class _MetricLog:
+    """Checks every step's metrics (NaN/Inf) and writes their means at the log cadence."""
+
+    def __init__(self, config: ml_collections.ConfigDict, writer, bar):
+        self.config, self.writer, self.bar = config, writer, bar
+        self.accumulated: list[dict[str, float]] = []
+        self.last_time = time.time()
+
+    def add(self, step: int, device_metrics) -> None:
+        host = {k: float(v) for k, v in state_lib.unreplicate(device_metrics).items()}
+        check_finite(step, host)
+        self.accumulated.append(host)
+        train = self.config.train
+        if not every(step, train.log_every, train.num_steps, True):
+            return
+        means = {k: float(np.mean([m[k] for m in self.accumulated])) for k in self.accumulated[0]}
+        now = time.time()
+        means["steps_per_second"] = len(self.accumulated) / max(now - self.last_time, 1e-9)
+        means["learning_rate"] = state_lib.learning_rate_at(self.config, step - 1)
+        self.last_time = now
+        self.writer.write_scalars(step, means)
+        self.accumulated.clear()
+        self.bar.set_postfix(
+            recon=f"{means['loss/recon']:.4f}",
+            sw=f"{means.get('loss/sw', float('nan')):.3f}",
+            protos=int(means["prototypes_in_use"]),
+        )
+
+
+@contextlib.contextmanager
+def _finishing_saves(manager):
+    """Waits for the last asynchronous save and closes the manager; after a NaN, only waits.
+
+    After a write error (disk full) nothing is waited for: the first error is
+    the one to report.
+    """
+    try:
+        yield manager
+    except NonFiniteError:
+        checkpointing.wait(manager)  # The last good checkpoint completes.
+        raise
+    checkpointing.wait(manager)
     manager.close()
+
+
+@contextlib.contextmanager
+def _closing(writer):
+    """Closes the summary writer; on an error path ignoring its own write errors."""
+    try:
+        yield writer
+    except BaseException:
+        try:
+            writer.close()
+        except OSError as error:
+            logging.debug("Closing the summary writer failed: %s", error)
+        raise
     writer.close()
-    return unreplicate(replicated)
+
+
+def _write_image_summaries(write_images, step: int, replicated, batch) -> None:
+    """Image summaries never stop training: a failure is logged and the run goes on."""
+    try:
+        write_images(step, replicated, batch)
+    except NonFiniteError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any figure failure (t-SNE, plotting, ...)
+        message = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        logging.warning("Image summaries of step %d failed (training goes on): %s", step, message)
 
 
 _PYTREE_FIELDS = ("step", "params", "prototypes", "opt_state", "prototype_opt_state", "rng")
 
 
 class _ImageSummaries:
-    """Writes the evaluation figures (`evaluate.make_figures`) of a few training images.
+    """Writes the evaluation figures (`visualization.make_figures`) of a few training images.
 
     Detections coloured by prototype, reconstructions, alpha layers (alpha
     mode), each prototype rendered alone and a t-SNE of the descriptors. One
@@ -533,11 +358,12 @@ class _ImageSummaries:
         self.config, self.writer, self.count = config, writer, count
         self.detector = None
 
-    def __call__(self, step: int, replicated: TrainState, batch: np.ndarray) -> None:
+    def __call__(self, step: int, replicated: state_lib.TrainState, batch: np.ndarray) -> None:
         if not self.writer.enabled:
             return
-        params = unreplicate(replicated.params)
-        prototypes = unreplicate(replicated.prototypes)
+        params = state_lib.unreplicate(replicated.params)
+        prototypes = state_lib.unreplicate(replicated.prototypes)
+        check_finite_arrays(step, {"params": params, "prototypes": prototypes})
         if self.detector is None:
             self.detector = inference.Detector(self.config, params, prototypes, step=step)
         else:
@@ -545,5 +371,6 @@ class _ImageSummaries:
         images = np.asarray(batch[0, : self.count])
         first = {"image": images, **self.detector.apply(images)}
         descriptors = first["descriptors"].reshape(-1, first["descriptors"].shape[-1])
-        figures = evaluate.make_figures(self.detector, first, descriptors)
+        renders = self.detector.render_prototypes(size=images.shape[1])["reconstruction"]
+        figures = visualization.make_figures(first, self.detector.prototypes, renders, descriptors)
         self.writer.write_images(step, figures)

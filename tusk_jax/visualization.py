@@ -9,6 +9,7 @@ No jax here; matplotlib only through its Agg canvas (no pyplot global state).
 
 from __future__ import annotations
 
+import math
 import os
 
 import matplotlib
@@ -276,6 +277,29 @@ def figure_to_array(figure: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def _checked_tsne_inputs(descriptors, prototypes, labels):
+    """`tsne_figure`'s inputs as float64 / int arrays; ValueError on bad shapes."""
+    descriptors = np.asarray(descriptors, dtype=np.float64)
+    prototypes = np.asarray(prototypes, dtype=np.float64)
+    if descriptors.ndim != 2 or prototypes.ndim != 2:
+        raise ValueError(
+            f"descriptors and prototypes must be [N, C] and [M, C], got {descriptors.shape} "
+            f"and {prototypes.shape}."
+        )
+    if descriptors.shape[1] != prototypes.shape[1]:
+        raise ValueError(
+            f"descriptors and prototypes differ in C: {descriptors.shape} vs {prototypes.shape}."
+        )
+    n = descriptors.shape[0]
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be int with shape ({n},), got {labels.shape}.")
+        if n and labels.min() < 0:
+            raise ValueError("labels must be non-negative.")
+    return descriptors, prototypes, labels
+
+
 def tsne_figure(
     descriptors: ArrayLike,
     prototypes: ArrayLike,
@@ -309,24 +333,8 @@ def tsne_figure(
     Returns:
       `[H, W, 3]` uint8.
     """
-    descriptors = np.asarray(descriptors, dtype=np.float64)
-    prototypes = np.asarray(prototypes, dtype=np.float64)
-    if descriptors.ndim != 2 or prototypes.ndim != 2:
-        raise ValueError(
-            f"descriptors and prototypes must be [N, C] and [M, C], got {descriptors.shape} "
-            f"and {prototypes.shape}."
-        )
-    if descriptors.shape[1] != prototypes.shape[1]:
-        raise ValueError(
-            f"descriptors and prototypes differ in C: {descriptors.shape} vs {prototypes.shape}."
-        )
+    descriptors, prototypes, labels = _checked_tsne_inputs(descriptors, prototypes, labels)
     n = descriptors.shape[0]
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"labels must be int with shape ({n},), got {labels.shape}.")
-        if n and labels.min() < 0:
-            raise ValueError("labels must be non-negative.")
     points = np.concatenate([descriptors, prototypes])
     if points.shape[0] < 2:
         raise ValueError("tsne_figure needs at least two points in all.")
@@ -363,3 +371,88 @@ def tsne_figure(
     )
     figure.tight_layout()
     return figure_to_array(figure)
+
+
+ALPHA_IMAGES = 3  # Images shown in the alpha-layer figure.
+
+
+def _upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    if factor <= 1:
+        return image
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def make_figures(
+    first: dict[str, np.ndarray],
+    prototypes: np.ndarray,
+    prototype_renders: np.ndarray,
+    tsne_descriptors: np.ndarray | None = None,
+    tsne_labels: np.ndarray | None = None,
+    tsne_seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """The evaluation figures as uint8 `[H, W, 3]` arrays (also fit for TensorBoard).
+
+    Args:
+      first: a few images `image` `[N, H, W, 3]` and their `Detector.apply`
+        outputs (`keypoints`, `confidence`, `prototype`, `reconstruction`,
+        alpha mode: `rgb`, `alpha`).
+      prototypes: `[M, C]` L2-normalised prototypes (their ids colour the
+        keypoints).
+      prototype_renders: `[M, H, W, 3]` each prototype decoded alone
+        (`Detector.render_prototypes`).
+      tsne_descriptors: optional `[P, C]` descriptors for the t-SNE.
+      tsne_labels: optional `[P]` ground-truth classes colouring them.
+      tsne_seed: t-SNE random state.
+
+    Returns:
+      dict name -> image: `detections` (keypoints coloured by prototype),
+      `reconstructions` (inputs over reconstructions), `alpha` (alpha mode:
+      per image, top row the K RGB layers and the reconstruction, bottom row
+      the K alpha maps and the argmax mask), `prototypes` (each prototype
+      decoded alone at the image centre, row-major in prototype order) and
+      `tsne` when descriptors are given.
+    """
+    images = first["image"]
+    n, height = images.shape[0], images.shape[1]
+    m = prototypes.shape[0]
+    scale = max(1, min(4, 160 // height))
+    detections = [
+        draw_keypoints(
+            images[i],
+            first["keypoints"][i],
+            first["prototype"][i],
+            m,
+            first["confidence"][i],
+            scale=scale,
+        )
+        for i in range(n)
+    ]
+    ncols = min(n, 4)
+    figures = {
+        "detections": image_grid(np.stack(detections), ncols=ncols, pad=2),
+        "reconstructions": image_grid(
+            np.stack(
+                [_upscale(x, scale) for x in np.concatenate([images, first["reconstruction"]])]
+            ),
+            ncols=n,
+            pad=2,
+        ),
+    }
+    if "alpha" in first:
+        alpha_scale = max(1, min(3, 96 // height))
+        panels = [
+            _upscale(alpha_panel(first["rgb"][i], first["alpha"][i]), alpha_scale)
+            for i in range(min(n, ALPHA_IMAGES))
+        ]
+        gap = np.full((4, panels[0].shape[1], 3), 255, np.uint8)
+        figures["alpha"] = np.concatenate([p for panel in panels for p in (panel, gap)][:-1])
+    figures["prototypes"] = image_grid(
+        np.stack([_upscale(r, scale) for r in prototype_renders]),
+        ncols=math.ceil(math.sqrt(m)),
+        pad=2,
+    )
+    if tsne_descriptors is not None and tsne_descriptors.shape[0] + m >= 4:
+        figures["tsne"] = tsne_figure(
+            tsne_descriptors, prototypes, labels=tsne_labels, seed=tsne_seed
+        )
+    return figures

@@ -1,20 +1,16 @@
 """Datasets of tusk_jax: one tfds builder module per dataset, TensorFlow-free.
 
-This package owns the data on disk: builders (array_record files,
-`tfds.features.Tensor` features, read back with `as_data_source`), the
-choice of source (real files from the manual dir or an embedded generator),
-preparation on first use and the per-dataset preprocessing (SPEC 5) that
-`tusk_jax.input_pipeline` applies. See README.md in this folder for the files
-to download and the commands.
-
-Dataset names (`config.dataset.name`) and their modules:
-  mnist_hard -> mnist_hard.py, tetrominoes -> tetrominoes.py,
-  clevr6 / clevr10 -> clevr.py, celeba_wild -> celeba_wild.py, h36m -> h36m.py.
+Each dataset module (listed in `MODULES`) declares `DATASETS`, one
+`common.DatasetInfo` per dataset it builds, plus `make_builder(config)` and
+`preprocess(...)` (SPEC 5); `registry()` collects them for the config checks,
+`tusk_jax.evaluate` and `prepare`. README.md in this folder lists the files to
+download and how to add a dataset.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib
 import os
 import shutil
@@ -25,43 +21,48 @@ import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
 
-DATASET_NAMES = ("mnist_hard", "tetrominoes", "clevr6", "clevr10", "celeba_wild", "h36m")
-_MODULES = {
-    "mnist_hard": "mnist_hard",
-    "tetrominoes": "tetrominoes",
-    "clevr6": "clevr",
-    "clevr10": "clevr",
-    "celeba_wild": "celeba_wild",
-    "h36m": "h36m",
-}
-# Splits of each dataset. Landmark datasets: `train` for the unsupervised
-# training, `regressor_train` to fit the linear regressor, `test` for the error.
-SPLITS = {
-    "mnist_hard": ("train", "test"),
-    "tetrominoes": ("train", "test"),
-    "clevr6": ("train", "test"),
-    "clevr10": ("train", "test"),
-    "celeba_wild": ("train", "regressor_train", "test"),
-    "h36m": ("train", "regressor_train", "test"),
-}
+from tusk_jax.datasets import common
+
+# Modules under tusk_jax/datasets/ that declare `DATASETS`.
+MODULES = ("mnist_hard", "tetrominoes", "clevr", "celeba_wild", "h36m")
+
+
+@functools.cache
+def registry() -> dict[str, tuple[common.DatasetInfo, types.ModuleType]]:
+    """Dataset name -> (its `DatasetInfo`, its module), in `MODULES` order."""
+    found = {}
+    for module_name in MODULES:
+        module = importlib.import_module(f"tusk_jax.datasets.{module_name}")
+        for info in module.DATASETS:
+            found[info.name] = (info, module)
+    return found
+
+
+def names() -> tuple[str, ...]:
+    """Every registered dataset name."""
+    return tuple(registry())
+
+
+def get_info(name: str) -> common.DatasetInfo:
+    """The `DatasetInfo` of `name`; ValueError listing the valid names otherwise."""
+    if name not in registry():
+        raise ValueError(
+            f"Unknown dataset {name!r} (config.dataset.name); valid: {', '.join(names())}"
+        )
+    return registry()[name][0]
 
 
 def get_module(name: str) -> types.ModuleType:
     """The dataset module of `name`; ValueError listing the valid names otherwise."""
-    if name not in _MODULES:
-        raise ValueError(
-            f"Unknown dataset {name!r} (config.dataset.name); valid: {', '.join(DATASET_NAMES)}"
-        )
-    return importlib.import_module(f"tusk_jax.datasets.{_MODULES[name]}")
+    get_info(name)
+    return registry()[name][1]
 
 
 def check_split(name: str, split: str) -> None:
     """ValueError listing the valid splits of dataset `name` if `split` is not one."""
-    get_module(name)
-    if split not in SPLITS[name]:
-        raise ValueError(
-            f"Dataset {name!r} has no split {split!r}; valid: {', '.join(SPLITS[name])}"
-        )
+    splits = get_info(name).splits
+    if split not in splits:
+        raise ValueError(f"Dataset {name!r} has no split {split!r}; valid: {', '.join(splits)}")
 
 
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -152,7 +153,7 @@ def remove_incomplete(config_dir: str) -> list[str]:
 
 def split_name(name: str, split: str) -> str:
     """The stored split behind a public split name (some datasets share storage)."""
-    return getattr(get_module(name), "SPLIT_ALIASES", {}).get(split, split)
+    return get_info(name).split_aliases.get(split, split)
 
 
 def data_source(config: ml_collections.ConfigDict, split: str, image_only: bool = False):

@@ -189,3 +189,19 @@ def preprocess(
     if with_labels:
         out["landmarks"] = common.scale_points(batch["landmarks"], in_hw, (image_size, image_size))
     return out
+
+
+DATASETS = (
+    common.DatasetInfo(
+        name="celeba_wild",
+        task="landmarks",
+        splits=("train", "regressor_train", "test"),
+        config="celeba",
+        evaluator_options={"normalizer": "inter_ocular"},
+        paper=(
+            common.PaperResult(
+                "forward_error", "error / inter-ocular distance", 18.49, "He et al. tuned 12.10"
+            ),
+        ),
+    ),
+)

@@ -209,3 +209,26 @@ def preprocess(
             out[k] = np.maximum(batch[k].astype(np.int32) - 1, 0)
         out["visibility"] = batch["visibility"].astype(np.float32)
     return out
+
+
+DATASETS = (
+    common.DatasetInfo(
+        name="clevr6",
+        task="object_discovery",
+        splits=("train", "test"),
+        config="clevr6",
+        paper=(
+            common.PaperResult("ari_fg", "ARI-FG", 98.3, "Slot Attention 98.8 ± 0.3"),
+            common.PaperResult("shape_accuracy", "shape accuracy", 46.8),
+            common.PaperResult("color_accuracy", "colour accuracy", 90.7),
+            common.PaperResult("size_accuracy", "size accuracy", 97.1),
+        ),
+    ),
+    common.DatasetInfo(
+        name="clevr10",
+        task="object_discovery",
+        splits=("train", "test"),
+        config="clevr6",  # Evaluated with the CLEVR6 model (the paper's Table 8).
+        paper=(common.PaperResult("ari_fg", "ARI-FG (trained on CLEVR6)", 97.6),),
+    ),
+)

@@ -17,8 +17,10 @@ This module owns
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -27,6 +29,46 @@ from absl import logging
 from PIL import Image
 
 SOURCES = ("auto", "real", "procedural")
+TASKS = ("object_discovery", "multi_instance", "landmarks")  # The protocols of SPEC 6.
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperResult:
+    """One row of the paper's results (SPEC 8), in percent."""
+
+    metric: str  # Key in the evaluation's metrics.
+    label: str
+    tusk: float  # TUSK in the paper.
+    best_other: str = ""  # Best other method in the paper, as text.
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the rest of tusk_jax knows about one dataset (`config.dataset.name`).
+
+    Attributes:
+      name: the dataset name.
+      task: its evaluation protocol, one of `TASKS`.
+      splits: public split names (landmarks: `train`, `regressor_train`, `test`).
+      config: the `configs/<config>.py` whose `get_config()` gives its defaults.
+      generator: True if an embedded generator makes scenes with
+        `dataset.num_objects` objects (so evaluation can choose the count).
+      generator_source: `dataset.source` for scenes of another object count
+        (None: keep the run's).
+      split_aliases: public split -> stored split (splits sharing storage).
+      evaluator_options: keyword arguments of the task's evaluator.
+      paper: the paper's results.
+    """
+
+    name: str
+    task: str
+    splits: tuple[str, ...]
+    config: str
+    generator: bool = False
+    generator_source: str | None = None
+    split_aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    evaluator_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    paper: tuple[PaperResult, ...] = ()
 
 
 def get_data_dir(config: ml_collections.ConfigDict) -> str:

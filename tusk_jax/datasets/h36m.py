@@ -178,3 +178,16 @@ def preprocess(
         out["landmarks"] = common.scale_points(batch["landmarks"], in_hw, (image_size, image_size))
         out["back_facing"] = back_facing(batch["landmarks"])
     return out
+
+
+DATASETS = (
+    common.DatasetInfo(
+        name="h36m",
+        task="landmarks",
+        splits=("train", "regressor_train", "test"),
+        config="h36m",
+        split_aliases=SPLIT_ALIASES,
+        evaluator_options={"normalizer": "image_size"},
+        paper=(common.PaperResult("forward_error", "error / image size", 6.88, "Lorenz 2.79"),),
+    ),
+)

@@ -4,18 +4,18 @@ r"""Command line: prepare a dataset (generate or convert it into the tfds data d
   python -m tusk_jax.datasets.prepare --dataset=mnist_hard --manual_dir=~/mnist
   python -m tusk_jax.datasets.prepare --config=configs/clevr6.py --manual_dir=/data/dm
 
-This module owns the CLI only; `tusk_jax.datasets.prepare_dataset(config)` does the
-work (and is what training calls on first use). Without --config, the base
-config plus the paper's sizes for the dataset (DATASET_DEFAULTS) are used;
-the flags below override both. Preparation is atomic: an interrupted run
-leaves only an `incomplete.*` folder that the next run removes. A file or
-setting that cannot give the dataset (missing, corrupt, digits that do not
-fit) ends the command with a one-line `error: ...` and exit status 1.
+`tusk_jax.datasets.prepare_dataset(config)` does the work (training calls it
+on first use). Without --config, the dataset's own config
+(`configs/<DatasetInfo.config>.py`, `get_config()`) is used; the flags
+below override either. An interrupted run leaves only an `incomplete.*`
+folder that the next run removes. A file or setting that cannot give the
+dataset (missing, corrupt, digits that do not fit) ends the command with a
+one-line `error: ...` and exit status 1.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import sys
 import time
@@ -26,18 +26,8 @@ from ml_collections import config_flags
 
 from tusk_jax import datasets
 
-# The paper's settings for each dataset (SPEC 5), used when no --config is given.
-DATASET_DEFAULTS = {
-    "mnist_hard": dict(image_size=80, num_objects=9, num_train=50_000, num_test=50_000),
-    "tetrominoes": dict(image_size=112, num_objects=3, num_train=50_000, num_test=10_000),
-    "clevr6": dict(image_size=112),
-    "clevr10": dict(image_size=112),
-    "celeba_wild": dict(image_size=80),
-    "h36m": dict(image_size=112),
-}
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Optional config file (configs/*.py).")
-_DATASET = flags.DEFINE_enum("dataset", None, list(datasets.DATASET_NAMES), "Dataset name.")
+_DATASET = flags.DEFINE_enum("dataset", None, list(datasets.names()), "Dataset name.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder holding the real downloaded files.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "tfds data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)."
@@ -51,30 +41,27 @@ _NUM_OBJECTS = flags.DEFINE_integer("num_objects", None, "Procedural: objects pe
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Training resolution (pixels).")
 
 
-def _base_config() -> ml_collections.ConfigDict:
-    """configs/base.py of the repository (importable from the repo root, else by path)."""
+def dataset_config(dataset: str) -> ml_collections.ConfigDict:
+    """An unlocked copy of `configs/<config>.get_config()` for `dataset` (its paper settings)."""
+    info = datasets.get_info(dataset)
     try:
-        from configs.base import get_base_config
-    except ImportError:
-        path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "base.py")
-        spec = importlib.util.spec_from_file_location("tusk_base_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        get_base_config = module.get_base_config
-    return get_base_config()
+        module = importlib.import_module(f"configs.{info.config}")
+    except ImportError:  # Run from elsewhere: the repository holding this package.
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+        module = importlib.import_module(f"configs.{info.config}")
+    config = ml_collections.ConfigDict(module.get_config().to_dict())
+    config.dataset.name = dataset
+    return config
 
 
 def build_config(
     config: ml_collections.ConfigDict | None, dataset: str | None, **overrides
 ) -> ml_collections.ConfigDict:
-    """The config to prepare: --config (or base + DATASET_DEFAULTS[dataset]) with overrides."""
+    """The config to prepare: --config (or the dataset's own config) with overrides."""
     if config is None:
         if dataset is None:
             raise app.UsageError("give --dataset or --config")
-        config = _base_config()
-        config.dataset.name = dataset
-        for key, value in DATASET_DEFAULTS[dataset].items():
-            config.dataset[key] = value
+        config = dataset_config(dataset)
     else:
         config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy.
         if dataset is not None and dataset != config.dataset.name:
@@ -86,20 +73,28 @@ def build_config(
     return config
 
 
+# The dataset flags above, as `build_config` overrides.
+OVERRIDE_FLAGS = (
+    "manual_dir",
+    "data_dir",
+    "source",
+    "num_train",
+    "num_test",
+    "num_objects",
+    "image_size",
+)
+
+
+def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> ml_collections.ConfigDict:
+    """`build_config` from the parsed dataset flags (also read by tools.montage and benchmarks)."""
+    overrides = {name: flag_values[name].value for name in OVERRIDE_FLAGS}
+    return build_config(flag_values.config, flag_values.dataset, **overrides)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = build_config(
-        _CONFIG.value,
-        _DATASET.value,
-        manual_dir=_MANUAL_DIR.value,
-        data_dir=_DATA_DIR.value,
-        source=_SOURCE.value,
-        num_train=_NUM_TRAIN.value,
-        num_test=_NUM_TEST.value,
-        num_objects=_NUM_OBJECTS.value,
-        image_size=_IMAGE_SIZE.value,
-    )
+    config = config_from_flags()
     start = time.time()
     try:
         builder = datasets.prepare_dataset(config)

@@ -1,10 +1,10 @@
 r"""Command line: a PNG montage of a dataset's evaluation examples with their ground truth.
 
-  python -m tusk_jax.datasets.montage --dataset=tetrominoes \
+  python -m tusk_jax.tools.montage --dataset=tetrominoes \
       --output=docs/datasets/tetrominoes.png
-  python -m tusk_jax.datasets.montage --dataset=mnist_hard --output=docs/datasets/mnist_hard.png
+  python -m tusk_jax.tools.montage --dataset=mnist_hard --output=docs/datasets/mnist_hard.png
 
-This module owns the montage only. Each tile is one example of the eval
+Each tile is one example of the eval
 iterator at the training resolution; with ground truth drawn: object
 discovery datasets get a second row with the entity-id mask in false
 colours, mnist_hard its boxes and labels, landmark datasets their points.
@@ -87,18 +87,7 @@ def render(batch: dict[str, np.ndarray], count: int, scale: int = 1) -> Image.Im
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    flag_values = flags.FLAGS
-    config = prepare.build_config(
-        flag_values.config,
-        flag_values.dataset,
-        manual_dir=flag_values.manual_dir,
-        data_dir=flag_values.data_dir,
-        source=flag_values.source,
-        num_train=flag_values.num_train,
-        num_test=flag_values.num_test,
-        num_objects=flag_values.num_objects,
-        image_size=flag_values.image_size,
-    )
+    config = prepare.config_from_flags()
     batch = next(input_pipeline.create_eval_iterator(config, _SPLIT.value, _NUM.value))
     count = int(batch["valid"].sum())
     image = render(batch, count, _SCALE.value)

@@ -1,9 +1,9 @@
 r"""Command line: measure the input pipeline's throughput (examples per second).
 
-  python -m tusk_jax.datasets.benchmark --dataset=tetrominoes --batch_size=76
-  python -m tusk_jax.datasets.benchmark --dataset=mnist_hard --streamed
+  python benchmarks/input_throughput.py --dataset=tetrominoes --batch_size=76
+  python benchmarks/input_throughput.py --dataset=mnist_hard --streamed
 
-This module owns the measurement only: it times the train iterator
+Times the train iterator
 (`--steps` batches after the first, which includes loading) and one pass of
 the eval iterator, with the same dataset flags as
 `tusk_jax.datasets.prepare`. `--streamed` forces the array_record
@@ -13,12 +13,17 @@ data-source path instead of the in-memory one.
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 import time
 
 from absl import app, flags
 
-from tusk_jax import input_pipeline
-from tusk_jax.datasets import prepare
+sys.path.insert(0, ".")  # configs/ from the repository root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tusk_jax import input_pipeline  # noqa: E402
+from tusk_jax.datasets import prepare  # noqa: E402
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Global training batch (images).")
 _STEPS = flags.DEFINE_integer("steps", 200, "Training batches timed.")
@@ -29,18 +34,7 @@ _STREAMED = flags.DEFINE_bool("streamed", False, "Read batches from the data sou
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    fv = flags.FLAGS
-    config = prepare.build_config(
-        fv.config,
-        fv.dataset,
-        manual_dir=fv.manual_dir,
-        data_dir=fv.data_dir,
-        source=fv.source,
-        num_train=fv.num_train,
-        num_test=fv.num_test,
-        num_objects=fv.num_objects,
-        image_size=fv.image_size,
-    )
+    config = prepare.config_from_flags()
     config.train.batch_size = _BATCH_SIZE.value
     config.dataset.num_eval_examples = _EVAL_EXAMPLES.value
     if _STREAMED.value:

@@ -1,4 +1,4 @@
-"""Tests of tusk_jax.metrics against scikit-learn, scipy and hand-made cases."""
+"""The evaluators' metric functions against scikit-learn, scipy and hand-made cases."""
 
 import itertools
 
@@ -7,7 +7,13 @@ import pytest
 import sklearn.linear_model
 import sklearn.metrics
 
-from tusk_jax import metrics
+from tusk_jax.evaluators import (
+    base,
+    landmark_regression,
+    multi_instance,
+    object_discovery,
+)
+from tusk_jax.evaluators import landmarks as landmark_protocol
 
 # ----------------------------------------------------------------------------
 # ARI.
@@ -22,7 +28,7 @@ def test_ari_matches_sklearn_on_random_labelings(num_true, num_pred):
     labels_pred = rng.integers(0, num_pred, size=(20, 50))
     labels_pred[:10] = np.where(rng.random((10, 50)) < 0.8, labels_true[:10], labels_pred[:10])
     weights = rng.random((20, 50)) < 0.7
-    got = metrics.adjusted_rand_index(labels_true, labels_pred, weights)
+    got = object_discovery.adjusted_rand_index(labels_true, labels_pred, weights)
     want = [
         sklearn.metrics.adjusted_rand_score(t[w], p[w])
         for t, p, w in zip(labels_true, labels_pred, weights, strict=True)
@@ -44,7 +50,7 @@ def test_ari_degenerate_labelings_follow_sklearn_and_are_finite():
         (split, split[::-1]),  # relabelled: 1
         (split, np.tile([0, 1, 2], 4)),  # discordant: negative
     ]
-    got = metrics.adjusted_rand_index(
+    got = object_discovery.adjusted_rand_index(
         np.stack([c[0] for c in cases]), np.stack([c[1] for c in cases])
     )
     want = [sklearn.metrics.adjusted_rand_score(t, p) for t, p in cases]
@@ -61,10 +67,10 @@ def test_segmentation_ari_foreground_only_ignores_background():
     gt[0, 3:, 3:] = 2
     pred = np.where(gt == 2, 1, 0)
     pred[0, 0, 5] = 2  # A background pixel labelled as a third object.
-    ari_fg, valid = metrics.segmentation_ari(gt, pred)
+    ari_fg, valid = object_discovery.segmentation_ari(gt, pred)
     assert valid.tolist() == [True]
     np.testing.assert_allclose(ari_fg, 1.0)
-    ari_bg, _ = metrics.segmentation_ari(gt, pred, foreground_only=False)
+    ari_bg, _ = object_discovery.segmentation_ari(gt, pred, foreground_only=False)
     want = sklearn.metrics.adjusted_rand_score(gt.ravel(), pred.ravel())
     np.testing.assert_allclose(ari_bg, [want], atol=1e-12)
     assert ari_bg[0] < 1.0
@@ -77,7 +83,7 @@ def test_segmentation_ari_empty_foreground_is_invalid_not_nan():
     gt[2, 2:] = 2
     pred = np.zeros_like(gt)
     pred[2, 2:] = 1
-    ari, valid = metrics.segmentation_ari(gt, pred)
+    ari, valid = object_discovery.segmentation_ari(gt, pred)
     assert valid.tolist() == [False, False, True]
     assert np.all(np.isfinite(ari))
     np.testing.assert_allclose(ari, 1.0)
@@ -88,16 +94,18 @@ def test_object_ids_from_alpha_is_argmax_over_keypoints():
     alpha[0, 0, 0, 0] = 1.0
     alpha[0, 2, 0, 1] = 1.0
     alpha[0, 1, 1, :] = 1.0
-    np.testing.assert_array_equal(metrics.object_ids_from_alpha(alpha)[0], [[0, 2], [1, 1]])
+    np.testing.assert_array_equal(
+        object_discovery.object_ids_from_alpha(alpha)[0], [[0, 2], [1, 1]]
+    )
 
 
 def test_ari_rejects_bad_input():
     with pytest.raises(ValueError, match="labels_true"):
-        metrics.adjusted_rand_index(np.zeros(3, int), np.zeros(3, int))
+        object_discovery.adjusted_rand_index(np.zeros(3, int), np.zeros(3, int))
     with pytest.raises(ValueError, match="non-negative"):
-        metrics.adjusted_rand_index(-np.ones((1, 3), int), np.zeros((1, 3), int))
+        object_discovery.adjusted_rand_index(-np.ones((1, 3), int), np.zeros((1, 3), int))
     with pytest.raises(ValueError, match="integer"):
-        metrics.segmentation_ari(np.zeros((1, 2, 2)), np.zeros((1, 2, 2), int))
+        object_discovery.segmentation_ari(np.zeros((1, 2, 2)), np.zeros((1, 2, 2), int))
 
 
 # ----------------------------------------------------------------------------
@@ -122,16 +130,17 @@ def test_match_keypoints_to_objects_hand_made():
     alpha[0, 2, 3:5, 3:5] = 0.9  # 1 px on each object, 2 on background: unmatched.
     alpha[0, 3, 0, 2:6] = 0.9  # 2 px on object 1, 2 on background: not > 50%.
     alpha[0, 4] = 0.8  # Nothing above 0.8: empty mask, unmatched.
-    matched = metrics.match_keypoints_to_objects(alpha, gt)
+    matched = object_discovery.match_keypoints_to_objects(alpha, gt)
     np.testing.assert_array_equal(matched, [[1, 2, -1, -1, -1]])
     # 3 of 4 pixels on object 1 is a match.
     alpha[0, 3, 0, 5] = 0.0
     alpha[0, 3, 0, 1] = 0.9
-    assert metrics.match_keypoints_to_objects(alpha, gt)[0, 3] == 1
+    assert object_discovery.match_keypoints_to_objects(alpha, gt)[0, 3] == 1
     # An invisible entity is never matched.
     visibility = np.array([[1, 0, 1]])
     np.testing.assert_array_equal(
-        metrics.match_keypoints_to_objects(alpha, gt, visibility=visibility)[0, :2], [-1, 2]
+        object_discovery.match_keypoints_to_objects(alpha, gt, visibility=visibility)[0, :2],
+        [-1, 2],
     )
 
 
@@ -139,7 +148,7 @@ def test_label_counts_and_majority_accuracy_hand_made():
     matched = np.array([[1, 2, -1], [1, 1, 2]])
     prototypes = np.array([[0, 1, 1], [0, 0, 1]])
     shape = np.array([[9, 3, 1], [9, 3, 0]])  # Index 0 is the background entity.
-    counts = metrics.label_counts(matched, prototypes, shape, num_prototypes=2, num_labels=4)
+    counts = base.label_counts(matched, prototypes, shape, num_prototypes=2, num_labels=4)
     # Prototype 0 saw shape 3 (image 0, entity 1) and shape 3 twice (image 1).
     # Prototype 1 saw shape 1 (image 0, entity 2) and shape 0 (image 1, entity 2).
     want = np.zeros((2, 4), int)
@@ -147,33 +156,33 @@ def test_label_counts_and_majority_accuracy_hand_made():
     want[1, 1] = 1
     want[1, 0] = 1
     np.testing.assert_array_equal(counts, want)
-    assert metrics.majority_accuracy(counts) == pytest.approx(4 / 5)
-    np.testing.assert_array_equal(metrics.majority_mapping(counts), [3, 0])
+    assert base.majority_accuracy(counts) == pytest.approx(4 / 5)
+    np.testing.assert_array_equal(base.majority_mapping(counts), [3, 0])
     # Streaming: counts of two halves sum to the counts of the whole.
     halves = sum(
-        metrics.label_counts(matched[i : i + 1], prototypes[i : i + 1], shape[i : i + 1], 2, 4)
+        base.label_counts(matched[i : i + 1], prototypes[i : i + 1], shape[i : i + 1], 2, 4)
         for i in range(2)
     )
     np.testing.assert_array_equal(halves, counts)
 
 
 def test_majority_accuracy_empty_is_zero():
-    assert metrics.majority_accuracy(np.zeros((3, 2), int)) == 0.0
-    np.testing.assert_array_equal(metrics.majority_mapping(np.zeros((2, 2), int)), [-1, -1])
+    assert base.majority_accuracy(np.zeros((3, 2), int)) == 0.0
+    np.testing.assert_array_equal(base.majority_mapping(np.zeros((2, 2), int)), [-1, -1])
 
 
 def test_hungarian_mapping_is_best_one_to_one_assignment():
     rng = np.random.default_rng(0)
     for m, c in [(4, 4), (3, 5), (5, 3)]:
         counts = rng.integers(0, 20, size=(m, c))
-        mapping = metrics.hungarian_mapping(counts)
+        mapping = base.hungarian_mapping(counts)
         assigned = mapping[mapping >= 0]
         assert len(set(assigned.tolist())) == len(assigned) == min(m, c)
         best = 0
         for rows in itertools.permutations(range(m), min(m, c)):
             for cols in itertools.permutations(range(c), min(m, c)):
                 best = max(best, counts[list(rows), list(cols)].sum())
-        assert metrics.mapped_correct(counts, mapping) == best
+        assert base.mapped_correct(counts, mapping) == best
 
 
 # ----------------------------------------------------------------------------
@@ -185,14 +194,15 @@ def test_box_iou_matches_explicit_boxes():
     rng = np.random.default_rng(1)
     a = rng.uniform(0, 40, size=(5, 2))
     b = rng.uniform(0, 40, size=(4, 2))
-    got = metrics.box_iou(a, b, box_size=20.0)
+    got = multi_instance.box_iou(a, b, box_size=20.0)
     for i, j in itertools.product(range(5), range(4)):
         lo = np.maximum(a[i], b[j]) - 10
         hi = np.minimum(a[i], b[j]) + 10
         inter = np.prod(np.clip(hi - lo, 0, None))
         assert got[i, j] == pytest.approx(inter / (800 - inter))
     np.testing.assert_allclose(
-        metrics.box_iou([[0.0, 0.0]], [[0.0, 0.0], [10.0, 0.0], [20, 0]]), [[1.0, 1 / 3, 0.0]]
+        multi_instance.box_iou([[0.0, 0.0]], [[0.0, 0.0], [10.0, 0.0], [20, 0]]),
+        [[1.0, 1 / 3, 0.0]],
     )
 
 
@@ -202,13 +212,15 @@ def test_match_detections_greedy_in_ground_truth_order():
     gt_valid = np.array([[True, True, True, False]])
     # gt 0 takes keypoint 0 (dx 1.5); gt 1 would prefer keypoint 0 (dx 0.5) but it is
     # used, so it takes keypoint 1 (dx 3, IoU 17/23 > 0.5); gt 2 has no detection.
-    det, iou = metrics.match_detections(keypoints, centers, gt_valid)
+    det, iou = multi_instance.match_detections(keypoints, centers, gt_valid)
     np.testing.assert_array_equal(det, [[0, 1, -1, -1]])
     np.testing.assert_allclose(iou[0, :2], [18.5 / 21.5, 17 / 23])
     # A detection whose IoU is exactly at the threshold is not a match and is not used up:
     # 3x3 boxes 1 px apart overlap by 6 px^2 of a 12 px^2 union, IoU 0.5.
-    det, iou = metrics.match_detections([[[1.0, 0.0]]], [[[0.0, 0.0], [1.0, 0.0]]], box_size=3.0)
-    assert metrics.box_iou([[0.0, 0.0]], [[1.0, 0.0]], box_size=3.0)[0, 0] == 0.5
+    det, iou = multi_instance.match_detections(
+        [[[1.0, 0.0]]], [[[0.0, 0.0], [1.0, 0.0]]], box_size=3.0
+    )
+    assert multi_instance.box_iou([[0.0, 0.0]], [[1.0, 0.0]], box_size=3.0)[0, 0] == 0.5
     np.testing.assert_array_equal(det, [[-1, 0]])
     np.testing.assert_allclose(iou, [[0.0, 1.0]])
 
@@ -224,15 +236,15 @@ def test_mnist_hard_scores_perfect_and_hand_made():
     order = np.stack([rng.permutation(o) for _ in range(b)])  # Keypoints in any order.
     keypoints = np.take_along_axis(centers, order[..., None], axis=1) + 0.5
     protos = inverse[np.take_along_axis(labels, order, axis=1)]
-    stats = metrics.mnist_hard_counts(keypoints, protos, centers, labels, num_prototypes=10)
+    stats = multi_instance.mnist_hard_counts(keypoints, protos, centers, labels, num_prototypes=10)
     assert stats["num_gt"] == b * o
-    scores = metrics.mnist_hard_scores(**stats)
+    scores = multi_instance.mnist_hard_scores(**stats)
     for value in scores.values():
         assert value == pytest.approx(1.0)
 
     # Majority and Hungarian differ when two prototypes prefer the same class.
     counts = np.array([[5, 1], [4, 2]])
-    scores = metrics.mnist_hard_scores(counts, num_gt=16, num_matched=12)
+    scores = multi_instance.mnist_hard_scores(counts, num_gt=16, num_matched=12)
     assert scores["localization"] == pytest.approx(12 / 16)
     assert scores["classification_majority"] == pytest.approx(9 / 12)
     assert scores["both_majority"] == pytest.approx(9 / 16)
@@ -245,7 +257,7 @@ def test_mnist_hard_counts_ignores_padding_and_unmatched():
     labels = np.array([[3, 7, -1]])
     keypoints = np.array([[[10.0, 11.0], [60.0, 60.0]]])
     protos = np.array([[1, 0]])
-    stats = metrics.mnist_hard_counts(keypoints, protos, centers, labels, num_prototypes=2)
+    stats = multi_instance.mnist_hard_counts(keypoints, protos, centers, labels, num_prototypes=2)
     assert stats["num_gt"] == 2 and stats["num_matched"] == 1
     want = np.zeros((2, 10), int)
     want[1, 3] = 1
@@ -260,7 +272,7 @@ def test_mnist_hard_counts_ignores_padding_and_unmatched():
 def test_landmark_features_groups_by_prototype_and_sorts_by_x():
     keypoints = np.array([[[5.0, 1.0], [1.0, 2.0], [3.0, 3.0], [9.0, 4.0]]])
     protos = np.array([[2, 0, 2, 2]])
-    features, filled = metrics.landmark_features(keypoints, protos, num_prototypes=3)
+    features, filled = landmark_regression.landmark_features(keypoints, protos, num_prototypes=3)
     assert features.shape == (1, 3, 4, 2)
     want = np.zeros((3, 4, 2))
     want[0, 0] = [1, 2]
@@ -277,50 +289,56 @@ def test_fit_linear_regressor_recovers_weights_and_matches_sklearn():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(200, 6))
     w = rng.normal(size=(6, 4))
-    np.testing.assert_allclose(metrics.fit_linear_regressor(x, x @ w), w, atol=1e-9)
+    np.testing.assert_allclose(landmark_regression.fit_linear_regressor(x, x @ w), w, atol=1e-9)
     y = x @ w + 0.1 * rng.normal(size=(200, 4))
     ols = sklearn.linear_model.LinearRegression(fit_intercept=False).fit(x, y)
-    np.testing.assert_allclose(metrics.fit_linear_regressor(x, y), ols.coef_.T, atol=1e-9)
+    np.testing.assert_allclose(
+        landmark_regression.fit_linear_regressor(x, y), ols.coef_.T, atol=1e-9
+    )
     ridge = sklearn.linear_model.Ridge(alpha=5.0, fit_intercept=False).fit(x, y)
     np.testing.assert_allclose(
-        metrics.fit_linear_regressor(x, y, ridge=5.0), ridge.coef_.T, atol=1e-9
+        landmark_regression.fit_linear_regressor(x, y, ridge=5.0), ridge.coef_.T, atol=1e-9
     )
     # Never-filled (all-zero) input columns get zero weight, not NaN.
     x[:, 2] = 0.0
-    weights = metrics.fit_linear_regressor(x, y)
+    weights = landmark_regression.fit_linear_regressor(x, y)
     assert np.all(np.isfinite(weights))
     np.testing.assert_allclose(weights[2], 0.0, atol=1e-9)
 
 
 def test_inter_ocular_distance_and_normalized_error():
     landmarks = np.array([[[0.0, 0.0], [3.0, 4.0], [9.0, 9.0]]])
-    np.testing.assert_allclose(metrics.inter_ocular_distance(landmarks), [5.0])
+    np.testing.assert_allclose(landmark_regression.inter_ocular_distance(landmarks), [5.0])
     prediction = landmarks + np.array([[[0.0, 1.0], [2.0, 0.0], [0.0, 0.0]]])
-    np.testing.assert_allclose(metrics.normalized_point_error(prediction, landmarks, 5.0), [0.2])
+    np.testing.assert_allclose(
+        landmark_regression.normalized_point_error(prediction, landmarks, 5.0), [0.2]
+    )
     valid = np.array([[True, True, False]])
     np.testing.assert_allclose(
-        metrics.normalized_point_error(prediction, landmarks, [2.0], valid), [0.75]
+        landmark_regression.normalized_point_error(prediction, landmarks, [2.0], valid), [0.75]
     )
 
 
 def test_swap_left_right():
     landmarks = np.arange(2 * 4 * 2, dtype=float).reshape(2, 4, 2)
-    got = metrics.swap_left_right(landmarks, [False, True], pairs=[(0, 3)])
+    got = landmark_regression.swap_left_right(landmarks, [False, True], pairs=[(0, 3)])
     np.testing.assert_array_equal(got[0], landmarks[0])
     np.testing.assert_array_equal(got[1], landmarks[1, [3, 1, 2, 0]])
-    pairs = np.array(metrics.H36M_32_LEFT_RIGHT_PAIRS)
+    pairs = np.array(landmark_regression.H36M_32_LEFT_RIGHT_PAIRS)
     assert len(np.unique(pairs)) == pairs.size == 26 and pairs.max() < 32
     # Centre joints (hip, spine, thorax, neck, head) stay.
     assert not {0, 11, 12, 13, 14, 15} & set(pairs.ravel().tolist())
     h36m = np.random.default_rng(4).normal(size=(3, 32, 2))
-    twice = metrics.swap_left_right(metrics.swap_left_right(h36m, [True] * 3), [True] * 3)
+    twice = landmark_regression.swap_left_right(
+        landmark_regression.swap_left_right(h36m, [True] * 3), [True] * 3
+    )
     np.testing.assert_array_equal(twice, h36m)
 
 
 def test_ced_curve():
     errors = np.array([0.3, 0.1, 0.2])
     np.testing.assert_allclose(
-        metrics.ced_curve(errors, [0.0, 0.1, 0.25, 1.0]), [0.0, 1 / 3, 2 / 3, 1.0]
+        landmark_regression.ced_curve(errors, [0.0, 0.1, 0.25, 1.0]), [0.0, 1 / 3, 2 / 3, 1.0]
     )
 
 
@@ -330,7 +348,7 @@ def test_nmi_from_streamed_counts_matches_sklearn():
     landmarks = rng.uniform(0, 50, size=(30, 5, 2))
     protos = rng.integers(0, 6, size=(30, 4))
     counts = sum(
-        metrics.landmark_prototype_counts(
+        landmark_regression.landmark_prototype_counts(
             keypoints[i : i + 10], protos[i : i + 10], landmarks[i : i + 10], 6
         )
         for i in range(0, 30, 10)
@@ -339,7 +357,7 @@ def test_nmi_from_streamed_counts_matches_sklearn():
         np.linalg.norm(keypoints[:, :, None] - landmarks[:, None], axis=-1), axis=-1
     )
     want = sklearn.metrics.normalized_mutual_info_score(nearest.ravel(), protos.ravel())
-    assert metrics.nmi_from_counts(counts) == pytest.approx(want, abs=1e-12)
+    assert landmark_regression.nmi_from_counts(counts) == pytest.approx(want, abs=1e-12)
 
 
 def _synthetic_landmark_split(rng, n, k, t, mixing, back_facing=None, pairs=None):
@@ -349,7 +367,7 @@ def _synthetic_landmark_split(rng, n, k, t, mixing, back_facing=None, pairs=None
     protos = np.broadcast_to(np.arange(k), (n, k))
     if back_facing is not None:
         # The detector sees appearance: on a back-facing person the labels are swapped.
-        landmarks = metrics.swap_left_right(landmarks, back_facing, pairs)
+        landmarks = landmark_regression.swap_left_right(landmarks, back_facing, pairs)
     return keypoints, protos, landmarks
 
 
@@ -359,7 +377,7 @@ def test_evaluate_landmark_regression_exact_and_noisy():
     mixing = rng.normal(size=(t, k))
     train = _synthetic_landmark_split(rng, 300, k, t, mixing)
     test = _synthetic_landmark_split(rng, 100, k, t, mixing)
-    result = metrics.evaluate_landmark_regression(*train, *test, num_prototypes=m)
+    result = landmark_protocol.evaluate_landmark_regression(*train, *test, num_prototypes=m)
     assert result.forward_error < 1e-8
     assert result.backward_error < 1e-8  # 2K <= 2T: keypoints are linear in landmarks.
     np.testing.assert_allclose(result.ced_forward[1:], 1.0)
@@ -368,7 +386,7 @@ def test_evaluate_landmark_regression_exact_and_noisy():
     assert 0.0 <= result.nmi <= 1.0
 
     noisy_test = (test[0] + rng.normal(scale=2.0, size=test[0].shape), test[1], test[2])
-    noisy = metrics.evaluate_landmark_regression(
+    noisy = landmark_protocol.evaluate_landmark_regression(
         *train, *noisy_test, num_prototypes=m, normalizer=80.0, chunk_size=7
     )
     assert noisy.forward_error > 0.005
@@ -388,7 +406,7 @@ def test_evaluate_landmark_regression_swaps_back_facing_people():
     kp_tr, pr_tr, lm_tr = _synthetic_landmark_split(rng, 200, k, t, mixing, back_train, pairs)
     kp_te, pr_te, lm_te = _synthetic_landmark_split(rng, 50, k, t, mixing, back_test, pairs)
     args = (kp_tr, pr_tr, lm_tr, kp_te, pr_te, lm_te)
-    swapped = metrics.evaluate_landmark_regression(
+    swapped = landmark_protocol.evaluate_landmark_regression(
         *args,
         num_prototypes=k,
         normalizer=80.0,
@@ -396,10 +414,12 @@ def test_evaluate_landmark_regression_swaps_back_facing_people():
         test_back_facing=back_test,
         left_right_pairs=pairs,
     )
-    plain = metrics.evaluate_landmark_regression(*args, num_prototypes=k, normalizer=80.0)
+    plain = landmark_protocol.evaluate_landmark_regression(*args, num_prototypes=k, normalizer=80.0)
     assert swapped.forward_error < 1e-8
     assert plain.forward_error > 0.01
     with pytest.raises(ValueError, match="left_right_pairs"):
-        metrics.evaluate_landmark_regression(*args, num_prototypes=k, train_back_facing=back_train)
+        landmark_protocol.evaluate_landmark_regression(
+            *args, num_prototypes=k, train_back_facing=back_train
+        )
     with pytest.raises(ValueError, match="normalizer"):
-        metrics.evaluate_landmark_regression(*args, num_prototypes=k, normalizer="iod")
+        landmark_protocol.evaluate_landmark_regression(*args, num_prototypes=k, normalizer="iod")

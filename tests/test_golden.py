@@ -1,0 +1,131 @@
+"""Golden numbers: a `configs/tetrominoes.py:test` run and its evaluation, bit for bit.
+
+Refactors must not change a number. This test compares the `metrics.jsonl` of
+conftest's `trained_tetrominoes` run (every logged value, wall-clock fields
+left out) and the `eval/<step>/metrics.json` of `evaluate` on it (as the
+`python -m tusk_jax.evaluate` command writes it; paths left out) with the
+files under `tests/golden/`. Floats are compared exactly (JSON keeps every
+bit of a Python float).
+
+The files change only on request, when a change of numbers is intended
+(explain it in the commit):
+
+  TUSK_JAX_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py
+
+They hold what the two host CPU devices of `conftest.py` compute; another
+platform or XLA version may differ in the last bits.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from tusk_jax import evaluate, summaries
+
+GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden", "tetrominoes_test")
+UPDATE = os.environ.get("TUSK_JAX_UPDATE_GOLDEN") == "1"
+# Fields that measure time or name this machine's folders, not the model.
+WALL_CLOCK_FIELDS = ("steps_per_second",)
+PATH_FIELDS = ("workdir", "eval_dir", "figures")
+
+
+def training_records(workdir: str) -> list[dict]:
+    return [
+        {k: v for k, v in record.items() if k not in WALL_CLOCK_FIELDS}
+        for record in summaries.read_metrics(workdir)
+    ]
+
+
+def evaluation_record(workdir: str) -> dict:
+    """`evaluate` as the command line runs it; its metrics.json without paths."""
+    result = evaluate.evaluate(None, workdir, progress=False)
+    with open(os.path.join(result["eval_dir"], "metrics.json")) as f:
+        saved = json.load(f)
+    saved["figures"] = sorted(saved["figures"])  # The names only.
+    return {k: v for k, v in saved.items() if k not in PATH_FIELDS[:2]}
+
+
+def _check(name: str, found) -> None:
+    path = os.path.join(GOLDEN_DIR, name)
+    if UPDATE:
+        os.makedirs(GOLDEN_DIR, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(found, f, indent=1, sort_keys=True)
+            f.write("\n")
+        return
+    if not os.path.exists(path):
+        pytest.fail(f"{path} is missing; generate it with TUSK_JAX_UPDATE_GOLDEN=1.")
+    with open(path) as f:
+        golden = json.load(f)
+    # Round-trip through JSON so both sides hold the same types (NaN as strings).
+    assert json.loads(json.dumps(found)) == golden
+
+
+@pytest.fixture(scope="module")
+def workdir(trained_tetrominoes, tmp_path_factory):
+    """A private copy of the shared run (other tests write their own evaluations into it)."""
+    _, shared = trained_tetrominoes
+    copy = tmp_path_factory.mktemp("golden") / "run"
+    shutil.copytree(shared, copy, ignore=shutil.ignore_patterns("eval", "tensorboard"))
+    return str(copy)
+
+
+def test_training_metrics_are_unchanged(workdir):
+    _check("metrics.json", training_records(workdir))
+
+
+def test_evaluation_metrics_are_unchanged(workdir):
+    _check("eval_metrics.json", evaluation_record(workdir))
+
+
+# The ablations and options the shared run does not take: (name, dotted field -> value).
+STEP_VARIANTS = (
+    ("joint", {"train.alternate": False, "train.num_prototype_steps": 0}),
+    ("kmeans_prototypes", {"train.prototype_objective": "kmeans"}),
+    (
+        "stale_descriptors_cosine",
+        {
+            "train.prototype_descriptors": "stale",
+            "train.lr_schedule": "cosine",
+            "train.warmup_steps": 1,
+            "loss.sw_weight": 0.5,
+        },
+    ),
+)
+
+
+def _step_variant_metrics(overrides: dict) -> list[dict]:
+    """Three train steps of tetrominoes:test with `overrides` on fixed random images."""
+    import jax
+    import numpy as np
+
+    from configs import tetrominoes
+    from tusk_jax import models
+    from tusk_jax import state as state_lib
+    from tusk_jax import step as step_lib
+
+    config = tetrominoes.get_config("test")
+    with config.unlocked():
+        for dotted, value in overrides.items():
+            section, field = dotted.split(".")
+            config[section][field] = value
+    model = models.create_model(config)
+    state = state_lib.replicate(state_lib.create_train_state(config, model))
+    step = step_lib.make_p_train_step(config, model)
+    devices = jax.local_device_count()
+    size = config.dataset.image_size
+    records = []
+    for i in range(3):
+        images = np.random.default_rng(i).uniform(
+            size=(devices, config.train.batch_size // devices, size, size, 3)
+        )
+        state, metrics = step(state, images.astype(np.float32), None)
+        records.append({k: float(v) for k, v in state_lib.unreplicate(metrics).items()})
+    return records
+
+
+@pytest.mark.parametrize("name,overrides", STEP_VARIANTS, ids=[v[0] for v in STEP_VARIANTS])
+def test_train_step_variants_are_unchanged(name, overrides):
+    _check(f"step_{name}.json", _step_variant_metrics(overrides))

@@ -1,0 +1,1 @@
+"""Command-line tools beside the library (nothing in tusk_jax imports them)."""
