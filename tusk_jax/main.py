@@ -108,23 +108,18 @@ def quiet_library_logs() -> None:
             thread_hook(args)
 
     def quiet_unraisable_hook(args):
-        if _is_write_error(args.exc_value):
-            logging.debug("Write error in %s: %s", args.object, args.exc_value)
+        value = args.exc_value
+        # Also the callbacks of tensorstore reads/writes still pending when a
+        # failed save or restore closed orbax's event loop: one traceback each.
+        if _is_write_error(value) or (
+            isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+        ):
+            logging.debug("Ignored in %s: %s", args.object, value)
         else:
             unraisable_hook(args)
 
-    def quiet_excepthook(kind, value, traceback):
-        # Callbacks of tensorstore writes still pending when a failed save closed
-        # orbax's event loop: one traceback each, after the error was reported.
-        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-            logging.debug("Late tensorstore callback: %s", value)
-        else:
-            excepthook(kind, value, traceback)
-
-    excepthook = sys.excepthook
     threading.excepthook = quiet_thread_hook
     sys.unraisablehook = quiet_unraisable_hook
-    sys.excepthook = quiet_excepthook
 
 
 def _unknown_field(error: Exception, argv: list[str]) -> str:
