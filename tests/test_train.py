@@ -152,7 +152,11 @@ def test_two_devices_equal_one_device():
     # device-dependence) and legitimately change L_sw and the prototypes.
     for name in history_two[0]:
         np.testing.assert_allclose(history_two[0][name], history_one[0][name], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(two.prototypes, one.prototypes, rtol=1e-4, atol=1e-5)
+    # The prototypes fit descriptors that carry the same float noise through 8
+    # Adam steps (each up to +-prototype lr): a few entries move by ~3e-4. A
+    # device-dependent prototype update would move them by the lr's order.
+    prototype_lr = compiled_step(1)[0].train.prototype_learning_rate
+    np.testing.assert_allclose(two.prototypes, one.prototypes, rtol=0, atol=0.01 * prototype_lr)
     # Parameters: Adam's first update is +-lr whatever the gradient's size, so
     # an entry whose gradient is float noise lands on either side with the
     # summation order. The biases of the convs before a GroupNorm have a zero
