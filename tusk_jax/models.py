@@ -101,7 +101,7 @@ class ModelConfig:
     window: int = 27
     temperature: float = 0.2
     soft_argmax_border: str = "zeros"
-    descriptor_sampling: str = "nearest"
+    descriptor_sampling: str = "bilinear_stop_gradient"
     splat_variance: float = 0.05
     decoder_mode: str = "alpha"
 
