@@ -2,8 +2,9 @@
 # The first hour on a GPU or TPU machine, in one command, all under one output folder:
 #   1. install the jax that matches the accelerator and this package (with its test extra);
 #   2. run the quick tests (the ops);
-#   3. time the training step of every paper config (ms/iteration, pairs/s) and
-#      analyse its device memory (benchmarks/memory.py);
+#   3. time the training step of every paper config (ms/iteration, pairs/s), in
+#      float32 and with bfloat16 compute (model.dtype), and analyse its device
+#      memory (benchmarks/memory.py);
 #   4. train configs/tetrominoes.py for --minutes (a checkpoint is written when
 #      the time is up) and write its learning curve.
 #
@@ -103,7 +104,16 @@ perceptual.save_vgg16_params('$output/vgg16_random.npz', perceptual.init_vgg16_p
   fi
   step "step_time_$config" python3 benchmarks/train_step.py \
     --config="configs/$config.py$variant" --iterations="$iterations" "${extra[@]}"
-  grep -h "ms/iteration" "$output/step_time_$config.log" >> "$output/step_times.txt"
+  grep -h "ms/iteration" "$output/step_time_$config.log" | sed 's/^/float32: /' \
+    >> "$output/step_times.txt"
+  if $dry_run && [[ $config != tetrominoes ]]; then
+    continue  # One bfloat16 timing checks the path in a dry run.
+  fi
+  step "step_time_${config}_bfloat16" python3 benchmarks/train_step.py \
+    --config="configs/$config.py$variant" --iterations="$iterations" "${extra[@]}" \
+    --config.model.dtype=bfloat16
+  grep -h "ms/iteration" "$output/step_time_${config}_bfloat16.log" | sed 's/^/bfloat16: /' \
+    >> "$output/step_times.txt"
 done
 memory_args=(--json_out="$output/memory.json")
 $dry_run && memory_args+=(--variant=test --configs=tetrominoes,mnist_hard)

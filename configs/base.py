@@ -64,6 +64,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # the reference's nearest, README "Results at CPU scale") | nearest (the
     # truncated pixel, the reference) | bilinear (gradient to the location; the paper's text).
     config.model.descriptor_sampling = "bilinear_stop_gradient"
+    # Compute dtype of the U-Nets, heatmap head and VGG16: float32 | bfloat16 (mixed
+    # precision for GPUs/TPUs: float32 parameters, optimizer state, keypoints and losses).
+    config.model.dtype = "float32"
     config.model.splat_variance = 0.05  # v of the Gaussian splats (pixels^2).
     # plain: sum of splats -> RGB | alpha: one RGBA per keypoint, softmax over keypoints.
     config.model.decoder_mode = "alpha"
@@ -134,6 +137,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Steps between checkpoints (one is also written at the end).
     config.train.checkpoint_every = 1000
     config.train.max_to_keep = 3  # Checkpoints kept.
+    # Batches a background thread reads and puts on the devices ahead of the
+    # step (input_pipeline.DevicePrefetcher); 0: read and copied at each step.
+    config.train.prefetch_to_device = 2
     return config
 
 

@@ -28,9 +28,14 @@ def test_dry_run_writes_every_figure(tmp_path):
     assert "FAILED" not in summary
     for name in ("quick_tests", "memory", "learning_curve"):
         assert f"- {name}: ok in " in summary, summary
-    # One timing line per config (the dry run times two), each with its step time.
+    # One float32 timing line per config (the dry run times two), one bfloat16 line
+    # (the dry run times Tetrominoes only), each with its step time.
     times = (out / "step_times.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in times] == ["mnist_hard", "tetrominoes"]
+    assert [line.split(":")[:2] for line in times] == [
+        ["float32", " mnist_hard"],
+        ["float32", " tetrominoes"],
+        ["bfloat16", " tetrominoes"],
+    ]
     assert all("ms/iteration" in line for line in times)
     memory = json.loads((out / "memory.json").read_text())
     assert [row["config"] for row in memory] == ["tetrominoes", "mnist_hard"]

@@ -288,7 +288,7 @@ def test_descriptor_sampling_location_and_gradient(sampling):
 
 def test_upsample_align_corners_keeps_the_corner_values():
     """align_corners=True: output corners equal input corners; samples in between are linear."""
-    from tusk_jax.models import upsample2x
+    from tusk_jax.unet import upsample2x
 
     # [1, 2, 3, 1]: columns 0, 1, 2.
     x = jnp.arange(3.0)[None, None, :, None] * jnp.ones((1, 2, 1, 1))
@@ -301,7 +301,7 @@ def test_upsample_align_corners_keeps_the_corner_values():
 
 def test_group_norm_groups_and_pytorch_init():
     """Stage GroupNorm groups are capped at the width; conv weights start in +-1/sqrt(fan_in)."""
-    from tusk_jax.models import stage_groups
+    from tusk_jax.unet import stage_groups
 
     assert [stage_groups(32, w) for w in (8, 16, 32, 64)] == [8, 16, 32, 32]
     config = small_config()

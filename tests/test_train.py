@@ -246,7 +246,10 @@ def test_sigterm_saves_and_stops(tmp_path, fake_data):
             os.kill(os.getpid(), signal.SIGTERM)
 
     fake_data["on_step"] = preempt
-    state = train.train_and_evaluate(make_config(num_steps=4), str(tmp_path))
+    # Batches read in the loop's thread: with prefetching, the hook would fire
+    # while an earlier step runs (the read-ahead), at a step that depends on timing.
+    config = make_config(num_steps=4, prefetch_to_device=0)
+    state = train.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 2
     assert checkpointing.create_manager(str(tmp_path)).latest_step() == 2
     # Running again resumes from step 2 and finishes.

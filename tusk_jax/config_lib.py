@@ -45,6 +45,7 @@ CHOICES = {
 # rebuilt as it was trained. "model.head_groups" is special: it was
 # `model.num_groups`.
 LEGACY_VALUES = {
+    "model.dtype": "float32",
     "model.init": "lecun",
     "model.upsample_align_corners": False,
     "model.soft_argmax_border": "inside",
@@ -56,6 +57,7 @@ LEGACY_VALUES = {
     "train.prototype_objective": "sliced_wasserstein",
     "train.lr_schedule": "constant",
     "train.warmup_steps": 0,
+    "train.prefetch_to_device": 0,
 }
 
 
@@ -83,6 +85,7 @@ RESUME_CHANGES = {
     "train.image_every": HARMLESS,
     "train.checkpoint_every": HARMLESS,
     "train.max_to_keep": HARMLESS,
+    "train.prefetch_to_device": HARMLESS,  # Same batches, read ahead or not.
     "dataset.data_dir": HARMLESS,
     "dataset.manual_dir": HARMLESS,
     "dataset.eval_split": HARMLESS,
@@ -245,6 +248,8 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
     for field in ("num_steps", "log_every", "image_every", "checkpoint_every", "max_to_keep"):
         if train[field] < 1:
             _fail(f"train.{field}", f"must be >= 1, got {train[field]!r}.")
+    if not isinstance(train.prefetch_to_device, int) or train.prefetch_to_device < 0:
+        _fail("train.prefetch_to_device", f"must be an int >= 0, got {train.prefetch_to_device!r}.")
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:

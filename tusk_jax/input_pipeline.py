@@ -13,6 +13,11 @@ the training step and the metrics:
   per-device batch), so processes read only their own examples and the union
   over processes is the single-process batch in the same device order. The
   state is just the step: `get_state()` / `set_state()` resume exactly.
+- `DevicePrefetcher(iterator, size)`: the training loop's view of that
+  stream: a background thread reads the host batches and puts them on the
+  local devices `size` batches ahead (`train.prefetch_to_device`), so
+  neither the host's batch making nor the copy to the devices waits in the
+  loop; resumable like the iterator it wraps.
 - `create_eval_iterator(config, split)`: a finite pass in dataset order with
   every ground-truth field the metrics need (see the per-dataset
   `preprocess` functions), the last batch padded, `valid` False on padding.
@@ -28,7 +33,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import queue
+import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -165,6 +174,116 @@ class TrainIterator:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+
+class _Failure:
+    """An exception of the reading thread, raised again in the consumer's thread."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class DevicePrefetcher:
+    """Batches put on the local devices ahead of the loop by a background thread.
+
+    Wraps a resumable iterator of host arrays `[local_devices, per_device,
+    ...]` (`TrainIterator`, or anything with `__next__`, `get_state` and
+    `set_state`) and yields them as `jax.Array`s sharded over
+    `jax.local_devices()` along axis 0, the layout `pmap` consumes. The
+    thread reads and copies up to `size` batches ahead while the devices
+    run earlier steps; `flax.jax_utils.prefetch_to_device` does the copy
+    ahead but reads in the caller's thread, so a slow host iterator would
+    still stall the loop.
+
+    `get_state()` is the wrapped iterator's state after the last batch
+    *yielded* (not read ahead), so a checkpoint resumes at the next unseen
+    batch. `set_state()` works before the first `next()`. An exception of
+    the wrapped iterator is raised by the `next()` that would have returned
+    its batch. `close()` stops the thread; it does not close the wrapped
+    iterator (its owner does).
+    """
+
+    def __init__(self, iterator: Any, size: int = 2, devices: list | None = None):
+        if size < 1:
+            raise ValueError(f"prefetch size must be >= 1, got {size}")
+        self._iterator = iterator
+        devices = list(devices or jax.local_devices())
+        mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
+        self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._state = iterator.get_state()
+
+    def _read_ahead(self) -> None:
+        try:
+            while not self._stop.is_set():
+                batch = next(self._iterator)
+                state = self._iterator.get_state()
+                if not self._put((jax.device_put(batch, self._sharding), state)):
+                    return
+        except BaseException as error:  # noqa: BLE001 - delivered to the consumer
+            self._put(_Failure(error))
+
+    def _put(self, item) -> bool:
+        """Queues `item` unless `close()` is called while the queue is full."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> DevicePrefetcher:
+        return self
+
+    def __next__(self) -> jax.Array:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._read_ahead, name="tusk_jax-prefetch", daemon=True
+            )
+            self._thread.start()
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("the prefetch thread stopped without a batch") from None
+        if isinstance(item, _Failure):
+            self._stop.set()
+            raise item.error
+        batch, self._state = item
+        return batch
+
+    def get_state(self) -> Any:
+        """The wrapped iterator's state after the last batch yielded (JSON-serialisable)."""
+        return self._state
+
+    def set_state(self, state: Any) -> None:
+        """Moves the wrapped iterator to `state`; only before the first `next()`."""
+        if self._thread is not None:
+            raise RuntimeError("DevicePrefetcher.set_state after iteration started")
+        self._iterator.set_state(state)
+        self._state = self._iterator.get_state()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stops the reading thread (waiting up to `timeout` s for a read in progress)."""
+        self._stop.set()
+        if self._thread is None:
+            return
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            try:  # Frees a slot, so a thread blocked on a full queue sees the stop.
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        if self._thread.is_alive():
+            logging.warning(
+                "The prefetch thread is still reading after %.0f s; left behind.", timeout
+            )
+        self._thread = None
 
 
 def create_train_iterator(config: ml_collections.ConfigDict) -> TrainIterator:

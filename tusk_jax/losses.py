@@ -41,13 +41,15 @@ class LossConfig:
     sw_noise_std: float = 0.02
     sw_count_rounding: str = "last"
     sw_spread: str = "channel_mean"
+    compute_dtype: str = "float32"  # `model.dtype`: VGG16 of the perceptual loss computes in it.
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
         loss = config.loss
-        fields = [f.name for f in dataclasses.fields(cls) if f.name != "weights"]
+        fields = [f.name for f in dataclasses.fields(cls) if f.name in loss]
         return cls(
             weights={name: loss[field] for name, field in WEIGHT_FIELDS.items()},
+            compute_dtype=config.model.dtype,
             **{name: loss[name] for name in fields},
         )
 
@@ -74,7 +76,11 @@ def reconstruction_loss(
     if vgg_params is None:
         raise ValueError("loss.recon='perceptual' needs VGG16 parameters (loss.vgg16_weights).")
     return perceptual.perceptual_loss(
-        vgg_params, images, reconstruction, reduction=cfg.perceptual_reduction
+        vgg_params,
+        images,
+        reconstruction,
+        reduction=cfg.perceptual_reduction,
+        dtype=cfg.compute_dtype,
     )
 
 

@@ -15,23 +15,17 @@ Parameters are kept under two top-level subtrees, `params['encoder']` and
     out = model.apply(variables, images)       # dict, see TUSK.__call__
     score, feats = model.apply(variables, images, method=TUSK.encode)
 
-Architecture (the reference's `UNet` / `UNet_Encoder` / `UNetDecoder`):
-- U-Net of `depth` resolutions with c, 2c, 4c, ... channels (c = `base_width`).
-  Each stage is two [3x3 conv + GroupNorm + ReLU]; 2x2 max-pool between the
-  down stages; the up path doubles the resolution bilinearly
-  (`align_corners=True` by default, as the reference), concatenates
-  [up-sampled, skip] on the channel axis and applies a stage of the skip's
-  width; a final 1x1 conv gives the output channels. GroupNorm has
-  min(`num_groups`, width) groups (32 in the reference).
+Architecture (the reference's `UNet_Encoder` / `UNetDecoder`), on the
+U-Net of `tusk_jax.unet`:
 - Encoder: U-Net(3 -> C) gives the feature map F; heatmap head on F:
   3x3 conv(C) + GroupNorm(`head_groups`, C by default: one channel per group)
   + ReLU + 3x3 conv(1) + GroupNorm(1 group) -> logits; score map
   S = sigmoid(logits).
 - Decoder: the same U-Net with C inputs and 3 (plain) or 4 (alpha) outputs.
-
-Conv kernels and biases start as PyTorch's defaults (uniform in
-+-1/sqrt(fan_in)) unless `model.init='lecun'` (Flax's LeCun-normal kernels,
-zero biases). GroupNorm epsilon is 1e-5 as in PyTorch.
+- `model.dtype='bfloat16'`: both U-Nets and the head compute in bfloat16
+  with float32 parameters; the score map, the features and the decoder
+  outputs are cast back to float32 before the keypoint ops, sigmoid and
+  softmax, so keypoints, descriptors and losses are float32 computations.
 """
 
 import dataclasses
@@ -41,49 +35,28 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import linen as nn
 
 from tusk_jax import ops
+from tusk_jax.unet import (  # noqa: F401 - check_image_size, upsample2x: part of this API
+    DTYPES,
+    INITS,
+    UNet,
+    check_image_size,
+    compute_dtype,
+    conv,
+    group_norm,
+    stage_groups,
+    upsample2x,
+)
 
 DECODER_MODES = ("plain", "alpha")
-# Conv initialisation: PyTorch's defaults (the reference) | Flax's defaults.
-INITS = ("pytorch", "lecun")
 # How a keypoint reads its descriptor from the feature map F:
 # "nearest": F at the truncated integer pixel, no gradient to the location (the reference);
 # "bilinear_stop_gradient": bilinear at the location, no gradient to the location;
 # "bilinear": bilinear, the reconstruction gradient flows through the location
 # into the score map (the paper's text).
 DESCRIPTOR_SAMPLINGS = ("nearest", "bilinear_stop_gradient", "bilinear")
-_GROUP_NORM_EPSILON = 1e-5  # PyTorch's default, used by the reference.
-
-
-def stage_groups(num_groups: int, width: int) -> int:
-    """GroupNorm groups of a U-Net stage of `width` channels: `num_groups` capped at the width."""
-    return min(num_groups, width)
-
-
-def pytorch_uniform(fan_in: int):
-    """Initialiser uniform in +-1/sqrt(fan_in): PyTorch's default for conv kernels and biases."""
-    bound = 1.0 / fan_in**0.5
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def conv(x: jax.Array, features: int, kernel: int, init: str, name: str) -> jax.Array:
-    """A `kernel` x `kernel` SAME conv of `x` `[..., Cin]`, initialised as `init` says (`INITS`).
-
-    Called inside a compact method: the conv is a submodule `name` of the
-    caller (the parameter tree does not depend on `init`).
-    """
-    initializers = {}
-    if init == "pytorch":
-        initializer = pytorch_uniform(x.shape[-1] * kernel * kernel)
-        initializers = {"kernel_init": initializer, "bias_init": initializer}
-    return nn.Conv(features, (kernel, kernel), padding="SAME", name=name, **initializers)(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +77,7 @@ class ModelConfig:
     descriptor_sampling: str = "bilinear_stop_gradient"
     splat_variance: float = 0.05
     decoder_mode: str = "alpha"
+    dtype: str = "float32"
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "ModelConfig":
@@ -141,6 +115,7 @@ def check_model_config(cfg: ModelConfig) -> None:
         "init": INITS,
         "descriptor_sampling": DESCRIPTOR_SAMPLINGS,
         "soft_argmax_border": ops.SOFT_ARGMAX_BORDERS,
+        "dtype": DTYPES,
     }
     for field, valid in choices.items():
         value = getattr(cfg, field)
@@ -151,17 +126,6 @@ def check_model_config(cfg: ModelConfig) -> None:
     if cfg.decoder_mode not in DECODER_MODES:
         raise ValueError(
             f"config model.decoder_mode must be one of {DECODER_MODES}, got {cfg.decoder_mode!r}."
-        )
-
-
-def check_image_size(height: int, width: int, depth: int) -> None:
-    """Raises ValueError unless both image sides are divisible by 2**(depth - 1)."""
-    factor = 2 ** (depth - 1)
-    if height % factor or width % factor:
-        raise ValueError(
-            f"image size {height}x{width} (HxW) is not divisible by 2**(depth-1) = {factor} "
-            f"for a U-Net of depth {depth} (config model.depth); resize or crop the images "
-            "or lower the depth."
         )
 
 
@@ -187,88 +151,11 @@ def sample_descriptors(feature_map: jax.Array, xy: jax.Array, method: str) -> ja
     return ops.bilinear_sample(feature_map, xy)
 
 
-class ConvStage(nn.Module):
-    """Two [3x3 conv + GroupNorm + ReLU]: `[N, H, W, Cin] -> [N, H, W, features]`."""
-
-    features: int
-    num_groups: int
-    init: str = "pytorch"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        groups = stage_groups(self.num_groups, self.features)
-        for i in range(2):
-            x = conv(x, self.features, 3, self.init, name=f"conv{i}")
-            x = nn.GroupNorm(groups, epsilon=_GROUP_NORM_EPSILON, name=f"norm{i}")(x)
-            x = nn.relu(x)
-        return x
-
-
-def _align_corners_matrix(size: int) -> np.ndarray:
-    """`[2 size, size]` linear interpolation weights of 2x up-sampling with align_corners=True.
-
-    Output sample i sits at input coordinate i (size - 1) / (2 size - 1): the
-    first and last samples of both grids coincide (PyTorch's
-    `Upsample(scale_factor=2, mode='bilinear', align_corners=True)`).
-    """
-    out = 2 * size
-    position = np.arange(out) * (size - 1) / max(out - 1, 1)
-    low = np.clip(np.floor(position).astype(int), 0, size - 1)
-    high = np.minimum(low + 1, size - 1)
-    frac = position - low
-    matrix = np.zeros((out, size), np.float32)
-    matrix[np.arange(out), low] += 1.0 - frac
-    matrix[np.arange(out), high] += frac
-    return matrix
-
-
-def upsample2x(x: jax.Array, align_corners: bool = True) -> jax.Array:
-    """Bilinear 2x up-sampling, `[N, H, W, C] -> [N, 2H, 2W, C]`.
-
-    align_corners=True: the corner pixel centres of input and output coincide
-    (the reference); False: half-pixel centres (`jax.image.resize`).
-    """
-    n, h, w, c = x.shape
-    if not align_corners:
-        return jax.image.resize(x, (n, 2 * h, 2 * w, c), method="bilinear")
-    rows = jnp.asarray(_align_corners_matrix(h), x.dtype)
-    cols = jnp.asarray(_align_corners_matrix(w), x.dtype)
-    return jnp.einsum("ph,qw,nhwc->npqc", rows, cols, x)
-
-
-class UNet(nn.Module):
-    """U-Net: `[N, H, W, Cin] -> [N, H, W, out_channels]` (no output activation).
-
-    `depth` resolutions with `base_width * 2**level` channels at level
-    0..depth-1; H and W must be divisible by 2**(depth - 1).
-    """
-
-    base_width: int
-    depth: int
-    out_channels: int
-    num_groups: int
-    init: str = "pytorch"
-    align_corners: bool = True
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        check_image_size(x.shape[1], x.shape[2], self.depth)
-        skips = []
-        for level in range(self.depth):
-            width = self.base_width * 2**level
-            x = ConvStage(width, self.num_groups, self.init, name=f"down{level}")(x)
-            if level < self.depth - 1:
-                skips.append(x)
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        for level in reversed(range(self.depth - 1)):
-            x = jnp.concatenate([upsample2x(x, self.align_corners), skips[level]], axis=-1)
-            width = self.base_width * 2**level
-            x = ConvStage(width, self.num_groups, self.init, name=f"up{level}")(x)
-        return conv(x, self.out_channels, 1, self.init, name="out")
-
-
 class Encoder(nn.Module):
-    """Images `[B, H, W, 3]` -> (score map `[B, H, W]` in [0, 1], features `[B, H, W, C]`)."""
+    """Images `[B, H, W, 3]` -> (score map `[B, H, W]` in [0, 1], features `[B, H, W, C]`).
+
+    Computes in `dtype`; both outputs are float32.
+    """
 
     base_width: int
     depth: int
@@ -277,6 +164,7 @@ class Encoder(nn.Module):
     head_groups: int = 0  # 0: feature_dim groups (one channel per group).
     init: str = "pytorch"
     align_corners: bool = True
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -287,15 +175,15 @@ class Encoder(nn.Module):
             self.num_groups,
             self.init,
             self.align_corners,
+            self.dtype,
             name="unet",
         )(images)
         head_groups = self.head_groups or self.feature_dim
-        h = conv(features, self.feature_dim, 3, self.init, name="head_conv0")
-        h = nn.GroupNorm(head_groups, epsilon=_GROUP_NORM_EPSILON, name="head_norm0")(h)
-        h = nn.relu(h)
-        h = conv(h, 1, 3, self.init, name="head_conv1")
-        h = nn.GroupNorm(1, epsilon=_GROUP_NORM_EPSILON, name="head_norm1")(h)
-        return nn.sigmoid(h[..., 0]), features
+        h = conv(features, self.feature_dim, 3, self.init, name="head_conv0", dtype=self.dtype)
+        h = nn.relu(group_norm(h, head_groups, name="head_norm0", dtype=self.dtype))
+        h = conv(h, 1, 3, self.init, name="head_conv1", dtype=self.dtype)
+        h = group_norm(h, 1, name="head_norm1", dtype=self.dtype).astype(jnp.float32)
+        return nn.sigmoid(h[..., 0]), features.astype(jnp.float32)
 
 
 class Decoder(nn.Module):
@@ -312,6 +200,7 @@ class Decoder(nn.Module):
     splat_variance: float
     init: str = "pytorch"
     align_corners: bool = True
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
@@ -337,11 +226,14 @@ class Decoder(nn.Module):
             self.num_groups,
             self.init,
             self.align_corners,
+            self.dtype,
             name="unet",
         )
         if self.mode == "plain":
-            return {"reconstruction": nn.sigmoid(unet(jnp.sum(maps, axis=1)))}
+            logits = unet(jnp.sum(maps, axis=1)).astype(jnp.float32)
+            return {"reconstruction": nn.sigmoid(logits)}
         rgba = unet(maps.reshape(batch * num_keypoints, height, width, channels))
+        rgba = rgba.astype(jnp.float32)
         rgba = rgba.reshape(batch, num_keypoints, height, width, 4)
         rgb = nn.sigmoid(rgba[..., :3])
         alpha = jax.nn.softmax(rgba[..., 3], axis=1)  # Over the K keypoints.
@@ -369,6 +261,7 @@ class TUSK(nn.Module):
             cfg.head_groups,
             cfg.init,
             cfg.upsample_align_corners,
+            compute_dtype(cfg.dtype),
         )
         self.decoder = Decoder(
             cfg.base_width,
@@ -378,6 +271,7 @@ class TUSK(nn.Module):
             float(cfg.splat_variance),
             cfg.init,
             cfg.upsample_align_corners,
+            compute_dtype(cfg.dtype),
         )
 
     def __call__(self, images: jax.Array, num_keypoints: int | None = None) -> dict[str, Any]:

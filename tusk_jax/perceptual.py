@@ -80,6 +80,7 @@ class VGG16Features(nn.Module):
     """
 
     widths: Sequence[int] = VGG16_WIDTHS
+    dtype: Any = jnp.float32  # Compute dtype (the parameters stay float32).
 
     @nn.compact
     def __call__(self, x: jax.Array) -> list[jax.Array]:
@@ -88,7 +89,10 @@ class VGG16Features(nn.Module):
             if block:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
             for name in names:
-                x = nn.relu(nn.Conv(self.widths[block], (3, 3), padding="SAME", name=name)(x))
+                layer = nn.Conv(
+                    self.widths[block], (3, 3), padding="SAME", dtype=self.dtype, name=name
+                )
+                x = nn.relu(layer(x))
             features.append(x)
         return features
 
@@ -230,7 +234,10 @@ def resized_shape(height: int, width: int, image_size: int = DEFAULT_IMAGE_SIZE)
 
 
 def vgg16_features(
-    vgg_params: VGG16Params, images: jax.Array, image_size: int = DEFAULT_IMAGE_SIZE
+    vgg_params: VGG16Params,
+    images: jax.Array,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    dtype: str = "float32",
 ) -> list[jax.Array]:
     """VGG16 features relu1_2, relu2_2, relu3_3, relu4_3 of images.
 
@@ -239,6 +246,7 @@ def vgg16_features(
       images: `[B, H, W, 3]` RGB in [0, 1].
       image_size: longer side after the bilinear resize (224 as in the
         reference; smaller only to make tests fast).
+      dtype: compute dtype of the convolutions ("float32" | "bfloat16").
 
     Returns:
       4 maps `[B, h / 2**l, w / 2**l, width_l]`, l = 0..3, (h, w) the resized
@@ -250,7 +258,7 @@ def vgg16_features(
     x = (images - vgg_params["mean"]) / vgg_params["std"]
     h, w = resized_shape(images.shape[1], images.shape[2], image_size)
     x = jax.image.resize(x, (x.shape[0], h, w, 3), method="bilinear")
-    model = VGG16Features(_widths(vgg_params))
+    model = VGG16Features(_widths(vgg_params), jnp.dtype(dtype))
     return model.apply({"params": vgg_params["params"]}, x)
 
 
@@ -264,6 +272,7 @@ def perceptual_loss(
     y: jax.Array,
     image_size: int = DEFAULT_IMAGE_SIZE,
     reduction: str = "sum",
+    dtype: str = "float32",
 ) -> jax.Array:
     """Sum (the reference) or mean over relu1_2, relu2_2, relu3_3, relu4_3 of the mean L1.
 
@@ -272,6 +281,7 @@ def perceptual_loss(
       x, y: `[B, H, W, 3]` RGB in [0, 1] (e.g. image and reconstruction).
       image_size: longer side after resizing (224).
       reduction: "sum" or "mean" over the four layers (`REDUCTIONS`).
+      dtype: compute dtype of VGG16 (`model.dtype`); the L1 terms are float32.
 
     Returns:
       scalar float32: sum_l mean |V_l(x) - V_l(y)| ("sum"; "mean" divides by
@@ -281,8 +291,9 @@ def perceptual_loss(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     if x.shape != y.shape:
         raise ValueError(f"x and y must have the same shape, got {x.shape} and {y.shape}.")
-    features = vgg16_features(vgg_params, jnp.concatenate([x, y], axis=0), image_size)
+    features = vgg16_features(vgg_params, jnp.concatenate([x, y], axis=0), image_size, dtype)
     batch = x.shape[0]
+    features = [f.astype(jnp.float32) for f in features]
     per_layer = [jnp.mean(jnp.abs(f[:batch] - f[batch:])) for f in features]
     total = jnp.sum(jnp.stack(per_layer))
     return total if reduction == "sum" else total / len(per_layer)

@@ -169,6 +169,9 @@ def _start(config, workdir, allow_config_change, stack: contextlib.ExitStack) ->
     train_iter = input_pipeline.create_train_iterator(config)
     stack.callback(train_iter.close)
     state, restored = _restore(manager, train_iter, state, workdir)
+    if config.train.prefetch_to_device:
+        train_iter = input_pipeline.DevicePrefetcher(train_iter, config.train.prefetch_to_device)
+        stack.callback(train_iter.close)
     if jax.process_index() == 0:
         # Written only now: a refused config or an unreadable run leaves the old one.
         config_lib.save_config(config, workdir)
