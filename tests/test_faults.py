@@ -22,7 +22,14 @@ import jax
 import numpy as np
 import pytest
 
-from tusk_jax import checkpoint_integrity, checkpointing, config_lib, train, visualization
+from tusk_jax import (
+    checkpoint_integrity,
+    checkpointing,
+    config_lib,
+    learning_curve,
+    train,
+    visualization,
+)
 from tusk_jax import state as state_lib
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
@@ -211,6 +218,27 @@ def test_corrupt_latest_step_falls_back_to_the_intact_one(trained_tetrominoes, t
         manager.close()
     assert corrupt == [4]
     assert restored[2] == 2 and int(restored[0].step) == 2
+
+
+def test_evaluating_a_corrupt_step_names_it_and_the_other_steps(trained_tetrominoes, tmp_path):
+    """evaluate / detect / export restore through `restore_state`: no silent fall-back."""
+    config, trained = trained_tetrominoes
+    workdir = _copy_run(trained, tmp_path)
+    _flip_bytes(_data_files(workdir, 4)[-1])
+    with pytest.raises(checkpointing.CorruptCheckpointError, match=r"step 4.*--step.*\[2\]"):
+        checkpointing.restore_state(workdir, config)
+    state, step = checkpointing.restore_state(workdir, config, step=2)
+    assert step == 2 and int(state.step) == 2
+
+
+def test_learning_curve_leaves_a_corrupt_step_out(trained_tetrominoes, tmp_path):
+    _, trained = trained_tetrominoes
+    workdir = _copy_run(trained, tmp_path)
+    _flip_bytes(_data_files(workdir, 2)[-1])
+    rows = learning_curve.update_learning_curve(
+        workdir, num_examples=4, batch_size=4, progress=False, plot=False
+    )
+    assert [row["step"] for row in rows] == [4]
 
 
 def test_all_steps_corrupt_is_an_error_not_a_fresh_start(trained_tetrominoes, tmp_path):

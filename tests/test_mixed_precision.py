@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import tetrominoes
-from tests.test_train import squares
+from tests.synthetic import squares
 from tusk_jax import models, perceptual
 from tusk_jax import state as state_lib
 from tusk_jax import step as step_lib

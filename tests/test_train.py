@@ -15,22 +15,10 @@ import numpy as np
 import pytest
 
 from configs import tetrominoes
+from tests.synthetic import IMAGE_SIZE, squares
 from tusk_jax import checkpointing, models, summaries, train
 from tusk_jax import state as state_lib
 from tusk_jax import step as step_lib
-
-IMAGE_SIZE = 16
-
-
-def squares(seed, count, size=IMAGE_SIZE):
-    """`[count, size, size, 3]` images, each with two coloured squares on black."""
-    rng = np.random.default_rng(seed)
-    images = np.zeros((count, size, size, 3), np.float32)
-    for image in images:
-        for _ in range(2):
-            x, y = rng.integers(0, size - 5, 2)
-            image[y : y + 5, x : x + 5] = rng.uniform(0.3, 1.0, 3)
-    return images
 
 
 class FakeTrainIterator:

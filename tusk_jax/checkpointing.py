@@ -377,6 +377,8 @@ def restore_state(
     Raises:
       FileNotFoundError: no checkpoint in `workdir`, or none at `step`.
       ValueError: the checkpoint's arrays do not fit the model of `config`.
+      CorruptCheckpointError: the step fails its checksum or cannot be read (the
+        message lists the run's other steps).
     """
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
@@ -399,7 +401,19 @@ def restore_state(
             )
         template = state_template(config)
         check_state_matches(manager, step, template, workdir)
-        restored = restore(manager, template, step)
+        try:
+            restored = restore(manager, template, step)
+        except CorruptCheckpointError as error:
+            # Not a silent fall-back as in training: metrics or detections of
+            # another step than the one asked for would be mislabelled.
+            others = [s for s in steps if s != step]
+            hint = (
+                f" Pick another step with --step (this run's others: {others}); "
+                "resuming training falls back to the newest intact one by itself."
+                if others
+                else " It is the run's only step."
+            )
+            raise CorruptCheckpointError(f"{error}{hint}") from None
     finally:
         manager.close()
     state, _, step = restored

@@ -209,6 +209,8 @@ def update_learning_curve(
     Returns:
       The rows of `learning_curve.json`, sorted by step.
 
+    A step that fails its checksum or cannot be read is logged and left out.
+
     Raises:
       FileNotFoundError: no config or checkpoint in `workdir`.
       ValueError: `every` < 1, a bad `num_examples`, or a curve file made
@@ -254,6 +256,11 @@ def update_learning_curve(
             if step in kept_steps(workdir):
                 raise
             logging.warning("Step %d was deleted by the training run meanwhile; skipped.", step)
+            continue
+        except checkpointing.CorruptCheckpointError as error:
+            # One damaged step should not cost the rest of the curve; it is
+            # left out (and tried again on the next update).
+            logging.warning("%s Left out of the learning curve.", error)
             continue
         rows[step] = result_row(result)
         _write_json(path, _merge_training(rows, workdir, config.train.log_every))
