@@ -240,27 +240,8 @@ def update_learning_curve(
         template = checkpointing.state_template(config)
         detector = inference.Detector(config, template.params, template.prototypes, workdir=workdir)
     for step in todo:
-        try:
-            result = evaluate.evaluate(
-                None,
-                workdir,
-                step=step,
-                num_examples=num_examples,
-                batch_size=batch_size,
-                figures=False,
-                write=False,
-                progress=progress,
-                detector=detector,
-            )
-        except FileNotFoundError:
-            if step in kept_steps(workdir):
-                raise
-            logging.warning("Step %d was deleted by the training run meanwhile; skipped.", step)
-            continue
-        except checkpointing.CorruptCheckpointError as error:
-            # One damaged step should not cost the rest of the curve; it is
-            # left out (and tried again on the next update).
-            logging.warning("%s Left out of the learning curve.", error)
+        result = _evaluate_step(workdir, step, num_examples, batch_size, progress, detector)
+        if result is None:
             continue
         rows[step] = result_row(result)
         _write_json(path, _merge_training(rows, workdir, config.train.log_every))
@@ -269,6 +250,31 @@ def update_learning_curve(
     if plot and merged:
         save_figure(plot_curves([merged], title=os.path.basename(workdir)), workdir_plot(workdir))
     return merged
+
+
+def _evaluate_step(workdir, step, num_examples, batch_size, progress, detector):
+    """`evaluate.evaluate`'s result at `step`, or None for a step to leave out (logged)."""
+    try:
+        return evaluate.evaluate(
+            None,
+            workdir,
+            step=step,
+            num_examples=num_examples,
+            batch_size=batch_size,
+            figures=False,
+            write=False,
+            progress=progress,
+            detector=detector,
+        )
+    except FileNotFoundError:
+        if step in kept_steps(workdir):
+            raise
+        logging.warning("Step %d was deleted by the training run meanwhile; skipped.", step)
+    except checkpointing.CorruptCheckpointError as error:
+        # One damaged step should not cost the rest of the curve; it is left
+        # out (and tried again on the next update).
+        logging.warning("%s Left out of the learning curve.", error)
+    return None
 
 
 def workdir_plot(workdir: str) -> str:
