@@ -195,6 +195,7 @@ DATASETS = (
     common.DatasetInfo(
         name="celeba_wild",
         task="landmarks",
+        num_landmarks=NUM_LANDMARKS,
         splits=("train", "regressor_train", "test"),
         config="celeba",
         evaluator_options={"normalizer": "inter_ocular"},

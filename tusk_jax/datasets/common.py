@@ -57,6 +57,7 @@ class DatasetInfo:
         (None: keep the run's).
       split_aliases: public split -> stored split (splits sharing storage).
       evaluator_options: keyword arguments of the task's evaluator.
+      num_landmarks: annotated landmarks per image (landmark datasets; 0 otherwise).
       paper: the paper's results.
     """
 
@@ -68,6 +69,7 @@ class DatasetInfo:
     generator_source: str | None = None
     split_aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
     evaluator_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    num_landmarks: int = 0
     paper: tuple[PaperResult, ...] = ()
 
 

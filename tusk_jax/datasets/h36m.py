@@ -184,6 +184,7 @@ DATASETS = (
     common.DatasetInfo(
         name="h36m",
         task="landmarks",
+        num_landmarks=NUM_JOINTS,
         splits=("train", "regressor_train", "test"),
         config="h36m",
         split_aliases=SPLIT_ALIASES,
