@@ -118,24 +118,24 @@ def _from_torch(path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def _field_hint(key: str, config: ml_collections.ConfigDict, file_shape) -> str:
+def _field_hint(key: str, config: ml_collections.ConfigDict, found, expected) -> str:
     """The config field that sets the shape of release tensor `key`, with the file's value."""
     m = config.model
     if key == "prototype":
         return (
-            f"model.num_prototypes={file_shape[0]} (the config has {m.num_prototypes}) and "
-            f"model.feature_dim={file_shape[1]} (the config has {m.feature_dim})"
+            f"model.num_prototypes={found[0]} (the config has {m.num_prototypes}) and "
+            f"model.feature_dim={found[1]} (the config has {m.feature_dim})"
         )
-    if key == "decoder.decoder.conv_last.weight" and file_shape[0] in (3, 4):
-        mode = "plain" if file_shape[0] == 3 else "alpha"
+    if key.startswith("decoder.decoder.conv_last.") and found[0] in (3, 4):
+        mode = "plain" if found[0] == 3 else "alpha"
         if mode != m.decoder_mode:
             return f"model.decoder_mode={mode} (the config has {m.decoder_mode!r})"
+    if ".dconv_down1." in key and found[0] != expected[0]:
+        return f"model.base_width={found[0]} (the config has {m.base_width})"
+    if key == "decoder.decoder.dconv_down1.0.weight" and found[1] != expected[1]:
+        return f"model.feature_dim={found[1]} (the config has {m.feature_dim})"
     if key.startswith("encoder.encoder_features.conv_last") or "heatmap_header" in key:
-        return f"model.feature_dim={file_shape[0]} (the config has {m.feature_dim})"
-    if key.startswith("decoder.decoder.dconv_down1.0.weight"):
-        return f"model.feature_dim={file_shape[1]} (the config has {m.feature_dim})"
-    if ".dconv_down1.0." in key or ".dconv_down1.1." in key:
-        return f"model.base_width={file_shape[0]} (the config has {m.base_width})"
+        return f"model.feature_dim={found[0]} (the config has {m.feature_dim})"
     return f"model.base_width (the config has {m.base_width}) or model.feature_dim"
 
 
@@ -191,8 +191,9 @@ def read_release_state(path: str) -> tuple[dict[str, np.ndarray], np.ndarray, in
         state[name] = value
     in_dict, top = state.pop("prototype", None), saved.get("prototype")
     if in_dict is None and top is None:
-        raise ReleaseCheckpointError(f"{path}: no 'prototype' tensor, neither in the state dict "
-                                     "nor at the top level.")
+        raise ReleaseCheckpointError(
+            f"{path}: no 'prototype' tensor, neither in the state dict nor at the top level."
+        )
     if in_dict is not None and top is not None and not np.array_equal(in_dict, top):
         raise ReleaseCheckpointError(
             f"{path}: the state dict's 'prototype' {in_dict.shape} and the top-level "
@@ -245,15 +246,18 @@ def convert_state_dict(
         model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
     )
     m, c = config.model.num_prototypes, config.model.feature_dim
+    used = set()
     if prototypes.shape != (m, c):
         raise ReleaseCheckpointError(
             f"tensor prototype has shape {prototypes.shape} in the file, the config gives "
-            f"{(m, c)}: set {_field_hint('prototype', config, prototypes.shape)}."
+            f"{(m, c)}: set {_field_hint('prototype', config, prototypes.shape, (m, c))}."
         )
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    converted, used = [], set()
-    for key_path, leaf in leaves:
-        path = tuple(str(getattr(k, "key", k)) for k in key_path)
+    paths = [tuple(str(getattr(k, "key", k)) for k in key_path) for key_path, _ in leaves]
+    # A layer's weight is checked before its bias: its shape says more.
+    for path, (_, leaf) in sorted(
+        zip(paths, leaves, strict=True), key=lambda p: (p[0][:-1], p[0][-1] == "bias")
+    ):
         key = torch_key(path)
         expected = _to_torch_shape(path, leaf.shape)
         if key not in state:
@@ -266,10 +270,10 @@ def convert_state_dict(
         if found != expected:
             raise ReleaseCheckpointError(
                 f"tensor {key} has shape {found} in the file, the config gives {expected}: "
-                f"set {_field_hint(key, config, found)}."
+                f"set {_field_hint(key, config, found, expected)}."
             )
-        converted.append(_from_torch(path, state[key]))
         used.add(key)
+    converted = [_from_torch(path, state[torch_key(path)]) for path in paths]
     _check_window(state, config.model.window)
     extra = sorted(
         key
@@ -280,8 +284,7 @@ def convert_state_dict(
         hint = " (model.depth?)" if any("dconv" in key for key in extra) else ""
         raise ReleaseCheckpointError(
             f"tensor {extra[0]} {state[extra[0]].shape} in the file has no place in the model "
-            f"of this config{hint}" + (f" ({len(extra) - 1} more)" if len(extra) > 1 else "")
-            + "."
+            f"of this config{hint}" + (f" ({len(extra) - 1} more)" if len(extra) > 1 else "") + "."
         )
     return jax.tree_util.tree_unflatten(treedef, converted)
 

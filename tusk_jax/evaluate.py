@@ -31,6 +31,7 @@ from tqdm import tqdm
 from tusk_jax import (
     checkpointing,
     config_lib,
+    convert_release,
     datasets,
     evaluators,
     inference,
@@ -39,6 +40,9 @@ from tusk_jax import (
 )
 
 FIGURE_IMAGES = 8  # Images shown in the detection / reconstruction figures.
+# Landmark regressors `evaluate(regressor=...)` can use: the authors' (a workdir
+# of `convert_release --linear_projection`) or one fitted on `regressor_train`.
+REGRESSORS = ("release", "fit")
 # Training scenes generated for an evaluation-only dataset (`prepare_config(num_objects=...)`):
 # the evaluation never reads them, but a tfds split cannot be empty.
 EVAL_ONLY_NUM_TRAIN = 1
@@ -211,6 +215,7 @@ def evaluate(
     progress: bool = True,
     write: bool = True,
     detector: inference.Detector | None = None,
+    regressor: str | None = None,
 ) -> dict[str, Any]:
     """Evaluates a checkpoint of the run in `workdir` (see the module docstring).
 
@@ -229,6 +234,9 @@ def evaluate(
       progress, write: show progress bars; write `metrics.json` and the figures.
       detector: a `Detector` of this run's model to reuse (the step's
         weights are swapped in, no recompilation); None: a new one.
+      regressor: landmark datasets: "release" (the authors' regressor the
+        workdir holds, `convert_release --linear_projection`), "fit" (fitted
+        on `regressor_train`); None: "release" where the workdir has one.
 
     Returns:
       dict with `dataset`, `split`, `step`, `num_keypoints`, `num_objects`
@@ -248,8 +256,16 @@ def evaluate(
     batch_size = int(batch_size or config.train.batch_size)
     split = split or config.dataset.get("eval_split", "test")
     info = datasets.get_info(config.dataset.name)
+    weights = _release_regressor(workdir, info, regressor)
     evaluator, first = evaluate_split(
-        detector, config, split, k, batch_size, tsne_points if figures else 0, progress
+        detector,
+        config,
+        split,
+        k,
+        batch_size,
+        tsne_points if figures else 0,
+        progress,
+        regressor=weights,
     )
     tag = ""
     if num_objects is not None:
@@ -277,6 +293,28 @@ def evaluate(
     return output
 
 
+def _release_regressor(
+    workdir: str, info: datasets.common.DatasetInfo, regressor: str | None
+) -> np.ndarray | None:
+    """The authors' regressor weights to evaluate with, or None (fit one), as `regressor` says."""
+    if regressor is not None and regressor not in REGRESSORS:
+        raise ValueError(f"regressor must be one of {REGRESSORS}, got {regressor!r}.")
+    if regressor is not None and info.task != "landmarks":
+        raise ValueError(
+            f"--regressor is for landmark datasets; {info.name!r} is a {info.task} dataset."
+        )
+    if info.task != "landmarks" or regressor == "fit":
+        return None
+    weights = convert_release.load_regressor(workdir)
+    if weights is None and regressor == "release":
+        raise FileNotFoundError(
+            f"--regressor=release: {workdir} has no {convert_release.REGRESSOR_FILE}; convert "
+            "the authors' LinearProjection_model with python -m tusk_jax.convert_release "
+            "--linear_projection=..., or use --regressor=fit."
+        )
+    return weights
+
+
 def _paper_row(row: datasets.common.PaperResult) -> dict[str, Any]:
     return {
         "metric": row.metric,
@@ -294,8 +332,12 @@ def evaluate_split(
     batch_size: int,
     tsne_points: int = 0,
     progress: bool = True,
+    regressor: np.ndarray | None = None,
 ) -> tuple[evaluators.base.Evaluator, dict[str, np.ndarray] | None]:
     """The dataset's evaluator after `split` (and its `fit_split` first, if any).
+
+    `regressor`: landmark datasets, the authors' regressor weights; then the
+    `fit_split` is not run.
 
     Returns:
       `(evaluator, first)`: `first` as `run_split` returns it (`FIGURE_IMAGES` images).
@@ -313,7 +355,9 @@ def evaluate_split(
         )
 
     fit = {}
-    if evaluator_class.fit_split is not None:
+    if regressor is not None:
+        fit["regressor"] = regressor
+    elif evaluator_class.fit_split is not None:
         logging.info("Fitting on %s/%s.", info.name, evaluator_class.fit_split)
         fit_config = ml_collections.ConfigDict(config.to_dict())
         fit_config.dataset.num_eval_examples = -1
@@ -410,7 +454,9 @@ def format_table(result: dict[str, Any]) -> str:
     objects = result.get("num_objects")
     lines = [
         f"{name} / {result['split']}, step {result['step']}, K = {result['num_keypoints']}, "
-        f"{found['num_examples']} examples" + (f", {objects} objects per scene" if objects else ""),
+        f"{found['num_examples']} examples"
+        + (f", {objects} objects per scene" if objects else "")
+        + (f", {found['regressor']} regressor" if found.get("regressor") else ""),
     ]
     for i, row in enumerate(rows):
         cells = (cell.ljust(w) for cell, w in zip(row, widths, strict=True))
@@ -458,6 +504,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         **fv,
     )
     flags.DEFINE_integer("batch_size", None, "Images per batch; default: train.batch_size.", **fv)
+    flags.DEFINE_enum(
+        "regressor",
+        None,
+        list(REGRESSORS),
+        "Landmark datasets: release (the authors' regressor, in workdirs of convert_release "
+        "--linear_projection) or fit (fitted on regressor_train); default: release where present.",
+        **fv,
+    )
     flags.DEFINE_integer("tsne_points", 500, "Descriptors in the t-SNE figure (0: none).", **fv)
 
 
@@ -477,6 +531,7 @@ def run(flag_values: flags.FlagValues) -> dict[str, Any]:
             num_objects=flag_values.num_objects,
             batch_size=flag_values.batch_size,
             tsne_points=flag_values.tsne_points,
+            regressor=flag_values.regressor,
         )
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")

@@ -84,6 +84,55 @@ def landmark_features(
     return features, filled
 
 
+def release_landmark_features(
+    keypoints: ArrayLike, prototype_ids: ArrayLike, num_prototypes: int, height: int, width: int
+) -> np.ndarray:
+    """The regressor input of the authors' release (`evaluate_celeba_h36m.py`).
+
+    Same slots as `landmark_features` (`[M, K]`, x and y interleaved), but in
+    image fractions (x / W, y / H) and in the release's order within a
+    prototype: keypoints are taken in detection order (descending score) and
+    each is inserted before the first of the prototype's earlier keypoints,
+    except the last of them, that comes after it in raster order (key
+    W y + x on the fractions); with none such it goes last. So the last
+    earlier keypoint is never passed, and a prototype's first two keypoints
+    stay in detection order. The release's regressors were fitted on this
+    layout, so it is what they must be fed.
+
+    Args:
+      keypoints: `[B, K, 2]` (x, y) pixels, in detection order.
+      prototype_ids: `[B, K]` int in [0, M).
+      num_prototypes: M.
+      height, width: the image size in pixels.
+
+    Returns:
+      `[B, M * K * 2]` float64.
+    """
+    keypoints = base.as_float_array("keypoints", keypoints, 3, 2)
+    prototype_ids = base.as_int_array("prototype_ids", prototype_ids, 2)
+    b, k, _ = keypoints.shape
+    if prototype_ids.shape != (b, k):
+        raise ValueError(f"prototype_ids must have shape {(b, k)}, got {prototype_ids.shape}.")
+    if prototype_ids.size and (prototype_ids.min() < 0 or prototype_ids.max() >= num_prototypes):
+        raise ValueError(f"prototype_ids must be in [0, {num_prototypes}).")
+    fractions = keypoints / np.array([width, height], np.float64)
+    raster = width * fractions[..., 1] + fractions[..., 0]
+    features = np.zeros((b, num_prototypes, k, 2), np.float64)
+    for i in range(b):
+        slots: list[list[int]] = [[] for _ in range(num_prototypes)]  # Keypoint indices.
+        for j in range(k):
+            placed = slots[prototype_ids[i, j]]
+            position = len(placed)
+            for s in range(len(placed) - 1):  # The release's loop skips the last one.
+                if raster[i, placed[s]] > raster[i, j]:
+                    position = s
+                    break
+            placed.insert(position, j)
+        for m, placed in enumerate(slots):
+            features[i, m, : len(placed)] = fractions[i, placed]
+    return features.reshape(b, -1)
+
+
 def regression_moments(inputs: ArrayLike, targets: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Sufficient statistics of a least-squares fit without bias.
 

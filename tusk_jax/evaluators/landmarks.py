@@ -212,6 +212,8 @@ class LandmarkEvaluator(base.Evaluator):
     Args:
       normalizer: "inter_ocular" (CelebA) or "image_size" (errors / the image side).
       fit: the evaluator of the `regressor_train` split (None on that split itself).
+      regressor: the authors' regressor `[2 K M, 2 T]` (`convert_release`), used
+        instead of a fit on `fit` (then `fit` is not needed).
     """
 
     fit_split = "regressor_train"
@@ -223,10 +225,12 @@ class LandmarkEvaluator(base.Evaluator):
         tsne_points: int = 0,
         normalizer: str = "image_size",
         fit: LandmarkEvaluator | None = None,
+        regressor: np.ndarray | None = None,
     ):
         super().__init__(num_prototypes, image_size, tsne_points)
         self.normalizer = normalizer
         self.fit = fit
+        self.regressor = regressor
         self.parts: dict[str, list[np.ndarray]] = {}
 
     def _add(self, batch, out, valid) -> None:
@@ -251,11 +255,15 @@ class LandmarkEvaluator(base.Evaluator):
         return {name: np.concatenate(parts) for name, parts in self.parts.items()}
 
     def _result(self, num_keypoints_seen: int) -> dict[str, Any]:
-        if self.fit is None:
-            return {}
         normalizer = self.normalizer
         if normalizer == "image_size":
             normalizer = float(self.image_size)
+        if self.regressor is not None:
+            return release_regression_results(
+                self.arrays(), self.regressor, self.num_prototypes, self.image_size, normalizer
+            )
+        if self.fit is None:
+            return {}
         return regression_results(self.fit.arrays(), self.arrays(), self.num_prototypes, normalizer)
 
 
@@ -286,4 +294,64 @@ def regression_results(
         "ced_thresholds": regression.ced_thresholds,
         "ced_forward": regression.ced_forward,
         "ced_backward": regression.ced_backward,
+        "regressor": "fit",
+    }
+
+
+def release_regression_results(
+    test: dict[str, np.ndarray],
+    weights: np.ndarray,
+    num_prototypes: int,
+    image_size: int,
+    normalizer: str | float,
+    eye_indices: tuple[int, int] = (0, 1),
+) -> dict[str, Any]:
+    """The forward error with the authors' fitted regressor (their protocol, no fit here).
+
+    Args:
+      test: `LandmarkEvaluator.arrays()` of the test split.
+      weights: `[2 K M, 2 T]` from `convert_release.read_release_regressor`: it
+        maps `release_landmark_features` (image fractions) to landmarks in
+        image fractions.
+      num_prototypes: M.
+      image_size: the square image side in pixels.
+      normalizer: "inter_ocular" or a number of pixels.
+
+    Returns:
+      dict with `forward_error`, `forward_error_per_landmark`, `nmi`,
+      `ced_thresholds`, `ced_forward` and `regressor` = "release" (the release
+      has no backward regressor, so no backward error).
+    """
+    landmarks = test["landmarks"]
+    n, t, _ = landmarks.shape
+    if weights.shape[1] != 2 * t:
+        raise ValueError(
+            f"the release regressor predicts {weights.shape[1] // 2} landmarks; the dataset "
+            f"has {t}."
+        )
+    if test.get("back_facing") is not None:
+        landmarks = landmark_regression.swap_left_right(landmarks, test["back_facing"])
+    features = landmark_regression.release_landmark_features(
+        test["keypoints"], test["prototype"], num_prototypes, image_size, image_size
+    )
+    if features.shape[1] != weights.shape[0]:
+        raise ValueError(
+            f"the release regressor takes {weights.shape[0]} inputs (2 K M); this evaluation "
+            f"gives {features.shape[1]}: evaluate with the trained K (omit --num_keypoints)."
+        )
+    predicted = (features @ weights).reshape(n, t, 2) * float(image_size)
+    norm = _normalizers(normalizer, landmarks, eye_indices)
+    per_landmark = np.linalg.norm(predicted - landmarks, axis=-1) / norm[:, None]
+    forward = per_landmark.mean(axis=1)
+    counts = landmark_regression.landmark_prototype_counts(
+        test["keypoints"], test["prototype"], landmarks, num_prototypes
+    )
+    thresholds = landmark_regression.DEFAULT_CED_THRESHOLDS
+    return {
+        "forward_error": float(forward.mean()),
+        "nmi": landmark_regression.nmi_from_counts(counts),
+        "forward_error_per_landmark": per_landmark.mean(axis=0),
+        "ced_thresholds": thresholds,
+        "ced_forward": landmark_regression.ced_curve(forward, thresholds),
+        "regressor": "release",
     }
