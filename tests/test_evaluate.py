@@ -55,7 +55,14 @@ def test_writes_metrics_json_and_figures(run, evaluated):
         "alpha",
         "prototypes",
         "tsne",
+        "purity",
     }
+    # The new fields, JSON-safe as written.
+    usage = saved["metrics"]["prototype_usage"]
+    assert saved["metrics"]["largest_prototype"] == int(np.argmax(usage))
+    assert saved["metrics"]["largest_prototype_share"] == max(usage) / sum(usage)
+    assert saved["metrics"]["prototype_purity"] == found["prototype_purity"]
+    assert saved["figures"]["purity"].endswith("purity.png")
     sizes = {n: Image.open(p).size for n, p in evaluated["figures"].items()}
     # 16 px images drawn 4x: 8 detections in 2 rows of 4; one tile per prototype (M = 6, 3 x 2).
     assert sizes["detections"] == (4 * 64 + 5 * 2, 2 * 64 + 3 * 2)
@@ -85,6 +92,27 @@ def test_metrics_equal_an_independent_recomputation(run, evaluated):
                         shape_pairs.append((proto, batch["shape"][b, e]))
                         color_pairs.append((proto, batch["color"][b, e]))
 
+    def purity_rows():
+        rows = []
+        for proto in sorted({p for p, _ in shape_pairs}):
+            shapes = [v for p, v in shape_pairs if p == proto]
+            colors = [v for p, v in color_pairs if p == proto]
+            rows.append(
+                {
+                    "prototype": int(proto),
+                    "matched": len(shapes),
+                    "majority": {
+                        "shape": int(np.argmax(np.bincount(shapes))),
+                        "color": int(np.argmax(np.bincount(colors))),
+                    },
+                    "purity": {
+                        "shape": max(np.bincount(shapes)) / len(shapes),
+                        "color": max(np.bincount(colors)) / len(colors),
+                    },
+                }
+            )
+        return rows
+
     def majority(pairs):
         if not pairs:
             return 0.0
@@ -98,6 +126,7 @@ def test_metrics_equal_an_independent_recomputation(run, evaluated):
     assert found["shape_accuracy"] == pytest.approx(majority(shape_pairs), abs=1e-12)
     assert found["color_accuracy"] == pytest.approx(majority(color_pairs), abs=1e-12)
     assert found["matched_keypoint_fraction"] == pytest.approx(len(shape_pairs) / 48, abs=1e-12)
+    assert found["prototype_purity"] == purity_rows()
     assert found["reconstruction_mse"] == pytest.approx(np.mean(squared), rel=1e-5)
 
 
@@ -219,6 +248,13 @@ def test_command_line_prints_the_table_beside_the_paper(run, capsys):
     assert row.split()[1:3] == [f"{ours:.2f}", "99.70"]
     assert "99.70" in printed and "Slot Attention 99.5 ± 0.2" in printed
     assert "4 examples" in printed
+    # Attribute accuracies are quoted with the fraction of keypoints they rest on.
+    found = result["metrics"]
+    (row,) = [line for line in printed.splitlines() if line.startswith("shape accuracy")]
+    matched = 100 * found["matched_keypoint_fraction"]
+    assert f"{100 * found['shape_accuracy']:.2f} (on {matched:.1f} % of keypoints matched)" in row
+    share = 100 * found["largest_prototype_share"]
+    assert f"largest prototype: {found['largest_prototype']}, nearest to {share:.1f} %" in printed
 
 
 def test_command_line_without_checkpoint_exits_with_a_message(tmp_path):
@@ -339,3 +375,38 @@ def test_format_table_marks_missing_metrics():
     assert lines[0] == "clevr6 / test, step 9, K = 6, 3 examples"
     assert lines[3].split()[:3] == ["ARI-FG", "50.00", "98.30"]
     assert "size accuracy" in table and "n/a" in table
+
+
+def test_format_table_quotes_accuracies_with_the_matched_fraction_and_purity():
+    metrics = {
+        "num_examples": 3,
+        "ari_fg": 0.5,
+        "shape_accuracy": 0.25,
+        "color_accuracy": 0.75,
+        "material_accuracy": 0.5,
+        "matched_keypoint_fraction": 0.125,
+        "prototype_usage": [6, 0, 2],
+        "largest_prototype": 0,
+        "largest_prototype_share": 0.75,
+        "prototype_purity": [
+            {"prototype": 2, "matched": 1, "majority": {"shape": 1}, "purity": {"shape": 1.0}}
+        ],
+    }
+    table = evaluate.format_table(
+        {"dataset": "clevr6", "split": "test", "step": 9, "num_keypoints": 6, "metrics": metrics}
+    ).splitlines()
+    assert table[4].startswith("shape accuracy ")
+    assert "  25.00 (on 12.5 % of keypoints matched)  46.80" in table[4]
+    assert "  75.00 (on 12.5 % of keypoints matched)  90.70" in table[5]
+    assert table[6].split()[:4] == ["size", "accuracy", "n/a", "97.10"]
+    assert table[7] == (
+        "other: material_accuracy = 0.5 (on 12.5 % of keypoints matched), "
+        "matched_keypoint_fraction = 0.125"
+    )
+    assert table[8:] == [
+        "largest prototype: 0, nearest to 75.0 % of all keypoints (uniform: 33.3 %)",
+        "per prototype: majority label (purity) of its matched keypoints",
+        "prototype  keypoints  matched  shape",
+        "0          75.0 %     0        -",
+        "2          25.0 %     1        1 (100.0 %)",
+    ]

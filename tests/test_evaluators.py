@@ -12,6 +12,7 @@ from tusk_jax.evaluators import (
     landmark_regression,
     multi_instance,
     object_discovery,
+    purity,
 )
 from tusk_jax.evaluators import landmarks as landmark_protocol
 
@@ -188,6 +189,181 @@ def test_hungarian_mapping_is_best_one_to_one_assignment():
 # ----------------------------------------------------------------------------
 # MNIST-Hard.
 # ----------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------
+# Per-prototype purity and the largest prototype.
+# ----------------------------------------------------------------------------
+
+
+def test_prototype_purity_hand_made():
+    # Two images, entity 0 the background. Keypoint -> (matched entity, prototype):
+    # prototype 0 sees shapes 3, 3, 1 and colours 2, 5, 5; prototype 2 sees shape 4,
+    # colour 0; prototype 1 matches nothing (its keypoint is unmatched).
+    matched = np.array([[1, 2, -1], [1, 2, 3]])
+    prototypes = np.array([[0, 0, 1], [0, 2, 2]])
+    shape = np.array([[0, 3, 3, 0], [0, 1, 4, 4]])
+    color = np.array([[0, 2, 5, 0], [0, 5, 0, 0]])
+    counts = {
+        "shape": base.label_counts(matched, prototypes, shape, 3, 5),
+        "color": base.label_counts(matched, prototypes, color, 3, 6),
+    }
+    assert purity.prototype_purity(counts) == [
+        {
+            "prototype": 0,
+            "matched": 3,
+            "majority": {"shape": 3, "color": 5},
+            "purity": {"shape": 2 / 3, "color": 2 / 3},
+        },
+        {
+            "prototype": 2,
+            "matched": 2,
+            "majority": {"shape": 4, "color": 0},
+            "purity": {"shape": 1.0, "color": 1.0},
+        },
+    ]
+    # A tie goes to the lowest label, as base.majority_mapping: purity 1/2.
+    tie = purity.prototype_purity({"digit": np.array([[0, 2, 2]])})
+    assert tie == [
+        {"prototype": 0, "matched": 4, "majority": {"digit": 1}, "purity": {"digit": 0.5}}
+    ]
+    assert purity.prototype_purity({}) == []
+    assert purity.prototype_purity({"shape": np.zeros((3, 2), int)}) == []
+    with pytest.raises(ValueError, match="'color' count other keypoints"):
+        purity.prototype_purity({"shape": np.array([[1, 1]]), "color": np.array([[1, 0]])})
+
+
+def test_largest_prototype_share_of_a_catch_all():
+    # Prototype 3 is nearest to 12 of 20 keypoints.
+    assert purity.largest_prototype([2, 4, 0, 12, 2]) == {
+        "largest_prototype": 3,
+        "largest_prototype_share": 0.6,
+    }
+    assert purity.largest_prototype([5, 5])["largest_prototype"] == 0  # Ties: lowest index.
+    empty = purity.largest_prototype([0, 0, 0])
+    assert empty["largest_prototype"] == -1 and np.isnan(empty["largest_prototype_share"])
+
+
+def _quadrant_scene():
+    """Two 8 x 8 images, K = 4 keypoints each owning one quadrant of alpha (1 inside, 0 out).
+
+    Image 0: entity 1 top-left, entity 2 bottom-right; keypoints 0 and 1 on them,
+    2 and 3 on the background. Image 1: entity 1 top-left under keypoint 0, the
+    rest background. Matched: 3 of 8 keypoints.
+    """
+    quadrants = np.zeros((4, 8, 8), np.float32)
+    quadrants[0, :4, :4] = quadrants[1, 4:, 4:] = quadrants[2, :4, 4:] = quadrants[3, 4:, :4] = 1
+    mask = np.zeros((2, 8, 8), np.int64)
+    mask[:, :4, :4] = 1
+    mask[0, 4:, 4:] = 2
+    batch = {
+        "image": np.zeros((2, 8, 8, 3), np.float32),
+        "valid": np.array([True, True]),
+        "mask": mask,
+        "visibility": np.array([[0, 1, 1], [0, 1, 0]]),
+        "shape": np.array([[0, 3, 3], [0, 5, 0]]),
+        "color": np.array([[0, 1, 4], [0, 4, 0]]),
+    }
+    outputs = {
+        "alpha": np.stack([quadrants, quadrants]),
+        # Prototype 2 takes every background keypoint and one more: a catch-all.
+        "prototype": np.array([[0, 0, 2, 2], [1, 2, 2, 2]]),
+        "confidence": np.ones((2, 4), np.float32),
+        "descriptors": np.ones((2, 4, 3), np.float32),
+        "reconstruction": np.zeros((2, 8, 8, 3), np.float32),
+    }
+    return batch, outputs
+
+
+def test_object_discovery_reports_purity_matched_fraction_and_largest_share():
+    batch, outputs = _quadrant_scene()
+    evaluator = object_discovery.ObjectDiscoveryEvaluator(num_prototypes=3, image_size=8)
+    evaluator.add(batch, outputs)
+    found = evaluator.result()
+    assert found["matched_keypoint_fraction"] == 3 / 8
+    assert found["prototype_usage"] == [2, 1, 5]
+    assert (found["largest_prototype"], found["largest_prototype_share"]) == (2, 5 / 8)
+    # Prototype 0: image 0's entities (shapes 3, 3; colours 1, 4: a tie, to 1).
+    # Prototype 1: image 1's entity (shape 5, colour 4). The catch-all matched nothing.
+    assert found["prototype_purity"] == [
+        {
+            "prototype": 0,
+            "matched": 2,
+            "majority": {"shape": 3, "color": 1},
+            "purity": {"shape": 1.0, "color": 0.5},
+        },
+        {
+            "prototype": 1,
+            "matched": 1,
+            "majority": {"shape": 5, "color": 4},
+            "purity": {"shape": 1.0, "color": 1.0},
+        },
+    ]
+    assert found["shape_accuracy"] == 1.0 and found["color_accuracy"] == 2 / 3
+    # An invalid (padding) image adds neither keypoints nor matches.
+    padded = dict(batch, valid=np.array([True, False]))
+    evaluator = object_discovery.ObjectDiscoveryEvaluator(num_prototypes=3, image_size=8)
+    evaluator.add(padded, outputs)
+    found = evaluator.result()
+    assert found["matched_keypoint_fraction"] == 2 / 4 and found["prototype_usage"] == [2, 0, 2]
+    assert [row["prototype"] for row in found["prototype_purity"]] == [0]
+
+
+def test_summary_lines_quote_share_and_purity():
+    batch, outputs = _quadrant_scene()
+    evaluator = object_discovery.ObjectDiscoveryEvaluator(num_prototypes=3, image_size=8)
+    evaluator.add(batch, outputs)
+    found = evaluator.result()
+    assert purity.summary_lines(found) == [
+        "largest prototype: 2, nearest to 62.5 % of all keypoints (uniform: 33.3 %)",
+        "per prototype: majority label (purity) of its matched keypoints",
+        "prototype  keypoints  matched  shape        color",
+        "0          25.0 %     2        3 (100.0 %)  1 (50.0 %)",
+        "1          12.5 %     1        5 (100.0 %)  4 (100.0 %)",
+        "2          62.5 %     0        -            -",
+    ]
+    assert purity.matched_note("shape_accuracy", found) == " (on 37.5 % of keypoints matched)"
+    assert purity.matched_note("ari_fg", found) == ""
+    assert purity.matched_note("shape_accuracy", {}) == ""  # No matched fraction: no note.
+    assert purity.summary_lines({"prototype_usage": [0, 0]})[0].startswith(
+        "largest prototype: none"
+    )
+
+
+def test_mnist_hard_purity_per_prototype_over_matched_detections():
+    # Three canvases; prototype 3 detects digits 3, 3 and 5, prototype 7 detects a 7;
+    # the third canvas's keypoint is 30 px off its digit: unmatched, not counted.
+    batch = {
+        "image": np.zeros((3, 80, 80, 3), np.float32),
+        "valid": np.array([True, True, True]),
+        "centers": np.array(
+            [[[10.0, 10.0], [50.0, 50.0]], [[20.0, 20.0], [60.0, 20.0]]]
+            + [[[10.0, 10.0], [40.0, 40.0]]]
+        ),
+        "labels": np.array([[3, 7], [3, 5], [1, -1]]),
+    }
+    outputs = {
+        "keypoints": np.array(
+            [
+                [[10.0, 11.0], [50.0, 50.0]],
+                [[20.0, 20.0], [61.0, 20.0]],
+                [[40.0, 10.0], [70.0, 70.0]],
+            ]
+        ),
+        "prototype": np.array([[3, 7], [3, 3], [3, 3]]),
+        "confidence": np.ones((3, 2)),
+        "descriptors": np.ones((3, 2, 4)) / 2.0,
+        "reconstruction": np.zeros((3, 80, 80, 3), np.float32),
+    }
+    evaluator = multi_instance.MultiInstanceEvaluator(10, 80)
+    evaluator.add(batch, outputs)
+    found = evaluator.result()
+    assert found["localization"] == 4 / 5
+    assert found["prototype_purity"] == [
+        {"prototype": 3, "matched": 3, "majority": {"digit": 3}, "purity": {"digit": 2 / 3}},
+        {"prototype": 7, "matched": 1, "majority": {"digit": 7}, "purity": {"digit": 1.0}},
+    ]
+    assert (found["largest_prototype"], found["largest_prototype_share"]) == (3, 5 / 6)
 
 
 def test_box_iou_matches_explicit_boxes():

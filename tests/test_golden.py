@@ -5,7 +5,9 @@ conftest's `trained_tetrominoes` run (every logged value, wall-clock fields
 left out) and the `eval/<step>/metrics.json` of `evaluate` on it (as the
 `python -m tusk_jax.evaluate` command writes it; paths left out) with the
 files under `tests/golden/`. Floats are compared exactly (JSON keeps every
-bit of a Python float).
+bit of a Python float). The evaluation is compared on the golden file's fields
+(`recorded_fields`): a metric or figure added later is not in the golden file
+and leaves it valid; a recorded one that changes or disappears fails.
 
 The files change only on request, when a change of numbers is intended
 (explain it in the commit):
@@ -73,7 +75,27 @@ def platform_key() -> str:
 PLATFORM = platform_key()
 
 
-def _check(name: str, found) -> None:
+def recorded_fields(found, golden):
+    """`found` cut down to the fields `golden` records (dict keys, figure names).
+
+    Dicts keep the golden's keys that `found` has (a missing one stays missing,
+    so the comparison fails); lists of names (the figures) keep the golden's
+    names; lists of the same length are cut element by element; anything else
+    is returned unchanged.
+    """
+    if isinstance(found, dict) and isinstance(golden, dict):
+        return {k: recorded_fields(found[k], golden[k]) for k in golden if k in found}
+    if isinstance(found, list) and isinstance(golden, list):
+        if all(isinstance(v, str) for v in found + golden):
+            return [v for v in found if v in golden]
+        if len(found) == len(golden):
+            return [recorded_fields(f, g) for f, g in zip(found, golden, strict=True)]
+    return found
+
+
+def _check(name: str, found, fields_of_golden: bool = False) -> None:
+    """Asserts `found` equals a recorded golden file `name` (with `fields_of_golden`,
+    on that file's fields only, `recorded_fields`); writes it under UPDATE."""
     # Round-trip through JSON so both sides hold the same types (NaN as strings).
     found = json.loads(json.dumps(found))
     if UPDATE:
@@ -96,6 +118,12 @@ def _check(name: str, found) -> None:
     for folder in candidates:
         with open(os.path.join(GOLDEN_ROOT, folder, name)) as f:
             goldens.append(json.load(f))
+    if fields_of_golden:
+        assert any(recorded_fields(found, golden) == golden for golden in goldens), (
+            f"{name}: its recorded fields equal none of {candidates} (recorded: {sets}; "
+            f"this platform: {PLATFORM})"
+        )
+        return
     assert any(found == golden for golden in goldens), (
         f"{name} equals none of {candidates} (recorded: {sets}; this platform: {PLATFORM})"
     )
@@ -115,7 +143,26 @@ def test_training_metrics_are_unchanged(workdir):
 
 
 def test_evaluation_metrics_are_unchanged(workdir):
-    _check("eval_metrics.json", evaluation_record(workdir))
+    _check("eval_metrics.json", evaluation_record(workdir), fields_of_golden=True)
+
+
+def test_recorded_fields_ignore_new_fields_only():
+    golden = {"metrics": {"ari": 0.5, "usage": [1, 2]}, "figures": ["alpha", "tsne"]}
+    grown = {
+        "metrics": {"ari": 0.5, "usage": [1, 2], "new": 3},
+        "figures": ["alpha", "new", "tsne"],
+    }
+    assert recorded_fields(grown, golden) == golden
+    changed = {"metrics": {"ari": 0.25, "usage": [1, 2]}, "figures": ["alpha", "tsne"]}
+    assert recorded_fields(changed, golden) != golden
+    lost = {"metrics": {"usage": [1, 2], "new": 3}, "figures": ["alpha"]}
+    assert recorded_fields(lost, golden) != golden
+    assert (
+        recorded_fields(
+            {"metrics": {"ari": 0.5, "usage": [1, 3]}, "figures": ["alpha", "tsne"]}, golden
+        )
+        != golden
+    )
 
 
 # The ablations and options the shared run does not take: (name, dotted field -> value).

@@ -71,6 +71,10 @@ def test_curve_of_every_kept_step_equals_evaluate_and_reruns_skip_done_steps(run
         for key in ("ari_fg", "ari", "shape_accuracy", "color_accuracy", "reconstruction_mse"):
             assert row[key] == pytest.approx(expected["metrics"][key], abs=1e-9), (step, key)
         assert row["prototypes_in_use"] == expected["metrics"]["prototypes_in_use"]
+        # The catch-all and the matched fraction, per step; the index is kept, not plotted.
+        for key in ("largest_prototype", "largest_prototype_share", "matched_keypoint_fraction"):
+            assert row[key] == expected["metrics"][key], (step, key)
+        assert "prototype_purity" not in row  # A list: not a curve point.
         # Training metrics of that step's log record; log_every = 1, so the training time
         # is the sum of 1 / steps_per_second over the records up to the step.
         assert row["train/loss/recon"] == pytest.approx(records[step]["loss/recon"])
@@ -81,6 +85,8 @@ def test_curve_of_every_kept_step_equals_evaluate_and_reruns_skip_done_steps(run
     with open(os.path.join(workdir, learning_curve.CURVE_FILE)) as f:
         assert json.load(f) == rows
     assert Image.open(os.path.join(workdir, learning_curve.PLOT_FILE)).format == "PNG"
+    panels = learning_curve.plotted_metrics([rows])
+    assert "largest_prototype_share" in panels and "largest_prototype" not in panels
 
     # A re-run evaluates nothing: a value planted in the file survives.
     path = os.path.join(workdir, learning_curve.CURVE_FILE)

@@ -1,9 +1,12 @@
-"""Tests of tusk_jax.visualization: marker positions, tiling, colours, files, t-SNE."""
+"""Tests of tusk_jax.visualization (marker positions, tiling, colours, files, t-SNE) and
+tusk_jax.charts (the purity figure)."""
 
+import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
 
+from tusk_jax import charts
 from tusk_jax import visualization as vis
 
 
@@ -128,3 +131,28 @@ def test_tsne_figure_is_drawn_and_not_blank():
     plain = vis.tsne_figure(descriptors, centres, **kwargs)
     assert pixels_near(plain, _color(0, 3)) == 0
     assert pixels_near(plain, vis.to_uint8(np.full(3, 0.6))) >= 30
+
+
+def test_purity_figure_draws_each_used_prototype_in_its_colour():
+    usage = [0, 30, 0, 10]
+    rows = [{"prototype": 1, "matched": 5, "purity": {"shape": 0.6, "color": 1.0}}]
+    figure = charts.purity_figure(usage, rows, size_inches=(5, 4), dpi=100)
+    assert figure.dtype == np.uint8 and figure.shape == (400, 500, 3)
+
+    def pixels_of(image, color):
+        return int(np.sum(np.abs(image.astype(int) - color.astype(int)).max(-1) <= 8))
+
+    # Bars in the prototypes' colours; prototype 1's (75 % of keypoints) is three
+    # times as tall as prototype 3's (25 %) at the same width.
+    tall, short = pixels_of(figure, _color(1, 4)), pixels_of(figure, _color(3, 4))
+    assert short > 100 and 2.5 < tall / short < 3.5
+    assert pixels_of(figure, _color(0, 4)) == 0 and pixels_of(figure, _color(2, 4)) == 0
+    # The purity bars; without purity rows only the share panel is drawn.
+    purity_color = vis.to_uint8(np.asarray(matplotlib.colormaps["Set2"](0))[:3])
+    assert pixels_of(figure, purity_color) > 100
+    plain = charts.purity_figure(usage, None)
+    assert pixels_of(plain, purity_color) == 0 and pixels_of(plain, _color(1, 4)) > tall
+    with pytest.raises(ValueError, match="usage must be"):
+        charts.purity_figure([[1, 2]])
+    with pytest.raises(ValueError, match=r"prototypes in \[0, 4\)"):
+        charts.purity_figure(usage, [dict(rows[0], prototype=4)])

@@ -29,6 +29,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from tusk_jax import (
+    charts,
     checkpointing,
     config_lib,
     convert_release,
@@ -417,13 +418,18 @@ def _write_outputs(
     if first is not None and first["image"].shape[0]:
         descriptors, labels = evaluator.tsne_data()
         renders = detector.render_prototypes(size=first["image"].shape[1])
-        for fig_name, image in visualization.make_figures(
+        figures = visualization.make_figures(
             first,
             detector.prototypes,
             renders["reconstruction"],
             descriptors if tsne_points else None,
             labels,
-        ).items():
+        )
+        found = output["metrics"]
+        figures["purity"] = charts.purity_figure(
+            found["prototype_usage"], found.get("prototype_purity")
+        )
+        for fig_name, image in figures.items():
             path = os.path.join(output["eval_dir"], f"{fig_name}.png")
             visualization.save_png(path, image)
             output["figures"][fig_name] = path
@@ -435,21 +441,18 @@ def _write_outputs(
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The metrics beside the paper's (SPEC 8), as a text table in percent."""
+    """The metrics beside the paper's (SPEC 8) in percent, then `purity.summary_lines`."""
     name, found = result["dataset"], result["metrics"]
+    note = evaluators.purity.matched_note  # Attribute accuracies come with the matched fraction.
     rows = [("metric", "ours", "TUSK paper", "best other in the paper")]
-    shown = set()
+    shown = {"num_examples", *evaluators.purity.LARGEST}
     paper = datasets.get_info(name).paper if name in datasets.names() else ()
     for row in paper:
         value = found.get(row.metric)
-        ours = "n/a" if value is None else f"{100.0 * float(value):.2f}"
+        ours = "n/a" if value is None else f"{100.0 * float(value):.2f}{note(row.metric, found)}"
         rows.append((row.label, ours, f"{row.tusk:.2f}", row.best_other or "-"))
         shown.add(row.metric)
-    extra = [
-        key
-        for key, value in found.items()
-        if key not in shown and isinstance(value, (int, float)) and key != "num_examples"
-    ]
+    extra = [k for k, v in found.items() if k not in shown and isinstance(v, (int, float))]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     objects = result.get("num_objects")
     lines = [
@@ -464,8 +467,8 @@ def format_table(result: dict[str, Any]) -> str:
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     if extra:
-        lines.append("other: " + ", ".join(f"{k} = {float(found[k]):.4g}" for k in extra))
-    return "\n".join(lines)
+        lines.append("other: " + ", ".join(f"{k} = {found[k]:.4g}{note(k, found)}" for k in extra))
+    return "\n".join(lines + evaluators.purity.summary_lines(found))
 
 
 # ----------------------------------------------------------------------------

@@ -36,7 +36,8 @@ TRAIN_PREFIX = "train/"
 TRAIN_KEYS = ("prototypes_in_use", "steps_per_second")
 # Row fields that are not evaluation metrics.
 SETTINGS = ("dataset", "split", "num_keypoints")
-NOT_PLOTTED = ("step", "wall_seconds", "num_examples", *SETTINGS)
+# `largest_prototype` is an index: kept in the rows, not drawn (its share is).
+NOT_PLOTTED = ("step", "wall_seconds", "num_examples", "largest_prototype", *SETTINGS)
 # The training metric drawn beside the evaluation metrics.
 TRAIN_PANELS = (TRAIN_PREFIX + "loss/recon",)
 

@@ -5,6 +5,7 @@ metrics with `result()`; its metric functions live beside it.
 """
 
 from tusk_jax.evaluators import base, landmarks, multi_instance, object_discovery
+from tusk_jax.evaluators import purity as purity  # The printed table's per-prototype lines.
 
 EVALUATORS: dict[str, type[base.Evaluator]] = {
     "object_discovery": object_discovery.ObjectDiscoveryEvaluator,

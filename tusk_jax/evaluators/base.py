@@ -16,6 +16,8 @@ import scipy.optimize
 from absl import logging
 from numpy.typing import ArrayLike
 
+from tusk_jax.evaluators import purity
+
 
 class Evaluator:
     """The task-independent sums: prototype usage, confidence, reconstruction error, t-SNE points.
@@ -92,6 +94,7 @@ class Evaluator:
             "mean_confidence": self.confidence_sum / seen,
             "prototypes_in_use": int((self.usage > 0).sum()),
             "prototype_usage": self.usage.tolist(),
+            **purity.largest_prototype(self.usage),
         }
         out.update(self._result(seen))
         return out

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from tusk_jax.evaluators import base
+from tusk_jax.evaluators import base, purity
 
 BOX_SIZE = 20.0  # MNIST-Hard box side at the paper's canvas (pixels).
 CANVAS = 80.0
@@ -174,7 +174,10 @@ def mnist_hard_scores(counts: ArrayLike, num_gt: int, num_matched: int) -> dict[
 
 
 class MultiInstanceEvaluator(base.Evaluator):
-    """Localisation and classification scores of MNIST-Hard (majority and bipartite mapping)."""
+    """MNIST-Hard localisation, classification (majority and bipartite mapping) and purity.
+
+    `prototype_purity` gives each prototype's majority digit over its matched detections.
+    """
 
     def __init__(self, num_prototypes: int, image_size: int, tsne_points: int = 0):
         super().__init__(num_prototypes, image_size, tsne_points)
@@ -212,4 +215,6 @@ class MultiInstanceEvaluator(base.Evaluator):
         counts = self.counts
         if counts is None:
             counts = np.zeros((self.num_prototypes, 10), np.int64)
-        return mnist_hard_scores(counts, self.num_gt, self.num_matched)
+        out: dict[str, Any] = mnist_hard_scores(counts, self.num_gt, self.num_matched)
+        out[purity.PURITY] = purity.prototype_purity({"digit": counts})
+        return out

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from tusk_jax.evaluators import base
+from tusk_jax.evaluators import base, purity
 
 ATTRIBUTES = ("shape", "color", "size", "material")
 
@@ -223,7 +223,11 @@ def class_labels(batch: dict[str, np.ndarray]) -> np.ndarray | None:
 
 
 class ObjectDiscoveryEvaluator(base.Evaluator):
-    """ARI-FG, ARI, matched keypoints and attribute accuracies (majority label per prototype)."""
+    """ARI-FG, ARI, matched keypoints, attribute accuracies and per-prototype purity.
+
+    An attribute accuracy takes each prototype's majority label over the
+    matched keypoints; `prototype_purity` lists those labels and purities.
+    """
 
     def __init__(self, num_prototypes: int, image_size: int, tsne_points: int = 0):
         super().__init__(num_prototypes, image_size, tsne_points)
@@ -277,4 +281,5 @@ class ObjectDiscoveryEvaluator(base.Evaluator):
         }
         for name, counts in self.attribute_counts.items():
             out[f"{name}_accuracy"] = base.majority_accuracy(counts)
+        out[purity.PURITY] = purity.prototype_purity(self.attribute_counts)
         return out
