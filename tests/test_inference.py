@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import tetrominoes
-from tusk_jax import checkpointing, config_lib, inference, models, ops
+from tusk_jax import checkpointing, config_lib, detection_io, inference, models, ops
 
 RED, GREEN, BLUE = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
 
@@ -74,6 +74,24 @@ def test_padding_adds_no_keypoint_and_no_shift(lit_detector):
     np.testing.assert_allclose(found.confidence, expected_conf, atol=1e-6)
     # The corner dot is found (pulled inward by less than a pixel by the patch soft-argmax).
     assert np.min(np.abs(found.keypoints - [18, 12]).sum(axis=1)) < 0.5
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 13])
+def test_reflection_padding_is_numpys_reflect(size):
+    # Pads of 0 to 9 rows, longer than the image too (numpy repeats the reflection);
+    # one row (nothing to reflect) is repeated. Also traced with a symbolic size.
+    rows = np.arange(size)
+    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("n"), jnp.int32)
+    for padded in range(size, size + 10):
+        expected = np.pad(rows, (0, padded - size), mode="reflect" if size > 1 else "edge")
+        got = np.asarray(detection_io.reflection_indices(size, padded))
+        np.testing.assert_array_equal(rows[got], expected)
+    program = jax.export.export(
+        jax.jit(lambda x: detection_io.reflection_indices(x.shape[0], x.shape[0] + 9)),
+        platforms=["cpu"],
+    )(spec)
+    expected = np.pad(rows, (0, 9), mode="reflect" if size > 1 else "edge")
+    np.testing.assert_array_equal(rows[np.asarray(program.call(rows))], expected)
 
 
 def test_more_keypoints_than_trained(lit_detector):

@@ -299,6 +299,17 @@ def test_upsample_align_corners_keeps_the_corner_values():
     np.testing.assert_allclose(half_pixel, [0, 0.25, 0.75, 1.25, 1.75, 2], atol=1e-6)
 
 
+def test_upsample_with_symbolic_sizes_equals_the_concrete_one():
+    """Under jax.export shape polymorphism the align-corners weights are traced, not numpy."""
+    from tusk_jax.unet import upsample2x
+
+    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("n, h, w, c"), jnp.float32)
+    program = jax.export.export(jax.jit(upsample2x), platforms=["cpu"])(spec)
+    for shape in ((1, 1, 1, 2), (2, 3, 5, 1), (1, 8, 13, 3)):
+        x = np.random.default_rng(sum(shape)).random(shape, np.float32)
+        np.testing.assert_allclose(program.call(x), upsample2x(x), atol=1e-6, rtol=0)
+
+
 def test_group_norm_groups_and_pytorch_init():
     """Stage GroupNorm groups are capped at the width; conv weights start in +-1/sqrt(fan_in)."""
     from tusk_jax.unet import stage_groups

@@ -310,10 +310,9 @@ def run(flag_values: flags.FlagValues) -> dict:
             raise app.UsageError(f"--{name} is required.")
     if bool(flag_values.workdir) == bool(flag_values.exported):
         raise app.UsageError("Give one of --workdir or --exported.")
-    if flag_values.exported and (flag_values.step is not None or flag_values.scale != 1):
+    if flag_values.exported and flag_values.step is not None:
         raise app.UsageError(
-            "--step and --scale apply to --workdir only: an exported detector is one step, "
-            "and it resizes every image to its training size."
+            "--step applies to --workdir only: an exported detector is one checkpoint step."
         )
     paths = expand_inputs(flag_values.input)
     if not paths:

@@ -6,9 +6,13 @@ without flax) share, so that both read images and report keypoints alike:
 
 - images in: `as_rgb_float` / `as_image_list` (any count and size, `[H, W]`,
   `[H, W, 1]` or `[H, W, 3]`, uint8 0..255 or float in [0, 1], grey repeated
-  to RGB), `pad_image` / `padded_size` (reflection padding for the U-Net),
+  to RGB), `pad_to_multiple` / `padded_size` (reflection padding for the U-Net,
+  run inside the network program),
   `resize_image` / `resize_to` (bilinear, antialiased), `stack_batch` (images
   to a network batch of few distinct sizes);
+- running: `run_by_size` (a network program on images grouped by size) and
+  `detect_images` (`detect`'s body: `scale`, the program, `to_detections`),
+  so both detectors pre- and post-process alike by construction;
 - detections out: `Detections` (one image's keypoints, confidences,
   prototype ids, descriptors) and `to_detections` (a network output mapped
   back to the given image's pixels, weak keypoints dropped).
@@ -21,7 +25,7 @@ detector's loader depends on it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -86,20 +90,50 @@ def as_image_list(images: ArrayLike | Sequence[ArrayLike]) -> list[np.ndarray]:
 
 
 def padded_size(size: int, multiple: int) -> int:
-    """Smallest multiple of `multiple` that is >= `size`."""
+    """Smallest multiple of `multiple` that is >= `size` (an int, or a symbolic dimension)."""
     return -(-size // multiple) * multiple
 
 
-def pad_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Pads `[h, w, 3]` at the bottom and right to `[height, width, 3]` by reflection.
+def reflection_indices(size, padded: int | None = None) -> jax.Array:
+    """Source indices that pad `size` rows (or columns) at the end to `padded` by reflection.
 
-    Pixel (x, y) keeps its coordinates. A side of one pixel (nothing to
-    reflect) is repeated instead.
+    Index i < size is i itself; beyond, the rows mirror about the last one
+    (numpy's `np.pad(mode="reflect")`, repeating the reflection when the pad
+    is longer than the image); a side of one pixel (nothing to reflect) is
+    repeated. `size` and `padded` may be symbolic (`jax.export` shape
+    polymorphism).
+
+    Args:
+      size: the side in pixels (>= 1).
+      padded: the padded side (>= size); None: `size`.
+
+    Returns:
+      int32 `[padded]`.
     """
-    h, w = image.shape[:2]
-    pad = ((0, height - h), (0, width - w), (0, 0))
-    mode = "reflect" if min(h, w) > 1 else "edge"
-    return np.pad(image, pad, mode=mode)
+    index = jnp.arange(size if padded is None else padded, dtype=jnp.int32)
+    size = jnp.asarray(size, jnp.int32)
+    period = jnp.maximum(2 * (size - 1), 1)
+    folded = index % period
+    return jnp.where(folded < size, folded, period - folded)
+
+
+def pad_to_multiple(images: jax.Array, multiple: int) -> jax.Array:
+    """Pads `[B, h, w, C]` at the bottom and right to sides divisible by `multiple`.
+
+    The pad is `reflection_indices`'s; pixel (x, y) keeps its coordinates.
+    Traceable with symbolic h, w (the padded sides are then symbolic
+    multiples of `multiple`), which is how the exported detector serves any
+    image size with the in-process detector's padding.
+
+    Returns:
+      `[B, padded_size(h), padded_size(w), C]`, the input if no pad is needed.
+    """
+    height, width = images.shape[1], images.shape[2]
+    padded_height, padded_width = padded_size(height, multiple), padded_size(width, multiple)
+    if (padded_height, padded_width) == (height, width):
+        return images
+    images = jnp.take(images, reflection_indices(height, padded_height), axis=1)
+    return jnp.take(images, reflection_indices(width, padded_width), axis=2)
 
 
 def resize_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -136,6 +170,82 @@ def stack_batch(images: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
     batch = np.zeros((rows, *images[0].shape), np.float32)
     batch[:count] = np.stack(images)
     return batch
+
+
+# ----------------------------------------------------------------------------
+# Running a network program on images of many sizes.
+# ----------------------------------------------------------------------------
+
+
+def run_by_size(
+    images: Sequence[np.ndarray],
+    program: Callable[[np.ndarray], Mapping[str, ArrayLike]],
+    batch_size: int,
+    num_keypoints: int,
+) -> list[dict[str, np.ndarray]]:
+    """`program` on images grouped by size, in batches of `stack_batch`; one dict per image.
+
+    Args:
+      images: float32 `[h, w, 3]` each, any sizes.
+      program: a batch `[R, h, w, 3]` -> dict of `[R, ...]` arrays (the
+        network at the batch's own size: `inference.Detector`'s jitted body
+        or an exported detector's program).
+      batch_size: images per call (see `stack_batch`).
+      num_keypoints: K; every image needs at least K pixels.
+
+    Returns:
+      One numpy dict per image, in order.
+
+    Raises:
+      ValueError: an image has fewer pixels than K (named by its index).
+    """
+    results: list[dict | None] = [None] * len(images)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        h, w = image.shape[:2]
+        if h * w < num_keypoints:
+            raise ValueError(
+                f"images[{index}] ({h}x{w}) has fewer pixels than num_keypoints={num_keypoints}."
+            )
+        groups.setdefault((h, w), []).append(index)
+    for indices in groups.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            out = jax.device_get(program(stack_batch([images[i] for i in chunk], batch_size)))
+            for row, index in enumerate(chunk):
+                results[index] = {name: value[row] for name, value in out.items()}
+    return results
+
+
+def detect_images(
+    images: ArrayLike | Sequence[ArrayLike],
+    run: Callable[[list[np.ndarray]], list[Mapping[str, ArrayLike]]],
+    min_confidence: float = 0.0,
+    scale: float = 1.0,
+) -> list[Detections]:
+    """`Detector.detect`'s body: images read, resized by `scale`, run, mapped back.
+
+    Args:
+      images: as `as_image_list` takes them.
+      run: float32 images `[h, w, 3]` -> one network output dict per image
+        (`run_by_size` of a program), keypoints in the pixels of the image it
+        was given.
+      min_confidence: keypoints with a lower confidence are left out.
+      scale: each image is resized by this factor (`resize_image`) before
+        `run`; the keypoints are mapped back to the given image's pixels.
+
+    Returns:
+      One `Detections` per image, in order.
+    """
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale!r}.")
+    originals = as_image_list(images)
+    inputs = [resize_image(image, scale) for image in originals] if scale != 1 else originals
+    outputs = run(inputs)
+    return [
+        to_detections(out, network_input.shape[:2], original.shape[:2], min_confidence)
+        for original, network_input, out in zip(originals, inputs, outputs, strict=True)
+    ]
 
 
 # ----------------------------------------------------------------------------

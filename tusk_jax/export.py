@@ -5,12 +5,16 @@
 
 This module owns making the artifact; the folder's format and its loader
 (jax and numpy only) are `tusk_jax.exported`. The program is the in-process
-detector's own body, `inference.Detector.network`, at the training size
-H x W with a symbolic batch dimension, traced with the weights closed over:
-they become constants of the program, so the artifact is the only file a
-user needs (no params file whose tree structure the loader would have to
-rebuild without flax). It is lowered for CPU, CUDA and TPU by default, so an
-artifact made on a CPU runs on an accelerator. K is fixed at export.
+detector's own body, `inference.Detector.network` (padding to multiples of
+2**(depth - 1), the U-Net, cropping, NMS, top-K, soft-argmax, sampling), with
+a symbolic batch, height and width (`jax.export` shape polymorphism,
+`symbolic_shape("b, h, w, 3")` constrained to h * w >= K): one artifact
+serves every image size and batch size, and gives the in-process detector's
+keypoints at each. The weights are closed over: they become constants of the
+program, so the artifact is the only file a user needs (no params file whose
+tree structure the loader would have to rebuild without flax). It is lowered
+for CPU, CUDA and TPU by default, so an artifact made on a CPU runs on an
+accelerator. K is fixed at export.
 """
 
 from __future__ import annotations
@@ -46,12 +50,13 @@ def export_detector(
     reconstruction: bool = False,
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
 ) -> dict[str, Any]:
-    """Writes `detector` at its training size to `<output>/detector.jax_export` and `.json`.
+    """Writes `detector` for any image size to `<output>/detector.jax_export` and `.json`.
 
     Args:
       detector: the trained detector (`inference.load`).
       output: the export folder (created; an earlier export there is replaced).
-      num_keypoints: K of the program (None: the trained K); at most H * W.
+      num_keypoints: K of the program (None: the trained K); it serves images
+        of at least K pixels.
       reconstruction: also return the decoder's `reconstruction`.
       platforms: `jax.export` platforms to lower for ("cpu", "cuda", "rocm",
         "tpu").
@@ -64,10 +69,6 @@ def export_detector(
     """
     k = detector.resolve_num_keypoints(num_keypoints)
     height = width = int(detector.config.dataset.image_size)
-    if k > height * width:
-        raise ValueError(
-            f"num_keypoints={k} exceeds the {height}x{width} pixels of the training size."
-        )
     platforms = tuple(platforms)
     unknown = sorted(set(platforms) - {"cpu", "cuda", "rocm", "tpu"})
     if not platforms or unknown:
@@ -81,7 +82,9 @@ def export_detector(
         out = network(images)
         return {name: out[name] for name in names}
 
-    images = jax.ShapeDtypeStruct(jax_export.symbolic_shape(f"b, {height}, {width}, 3"), np.float32)
+    # Any b, h, w; top-K needs h * w >= K (checked again when the program is called).
+    shape = jax_export.symbolic_shape("b, h, w, 3", constraints=(f"h*w >= {k}",))
+    images = jax.ShapeDtypeStruct(shape, np.float32)
     program = jax_export.export(jax.jit(detect), platforms=platforms)(images)
     blob = bytes(program.serialize())
     metadata = {
@@ -95,7 +98,7 @@ def export_detector(
         "num_prototypes": detector.num_prototypes,
         "feature_dim": int(detector.prototypes.shape[1]),
         "outputs": list(names),
-        "input": "images [b, H, W, 3] float32 in [0, 1] at image_size (b: any batch size)",
+        "input": f"images [b, h, w, 3] float32 in [0, 1], any b, h, w with h * w >= {k}",
         "platforms": list(platforms),
         "step": detector.step,
         "workdir": detector.workdir and os.path.abspath(detector.workdir),
@@ -144,8 +147,7 @@ def run(flag_values: flags.FlagValues) -> dict[str, Any]:
     size = os.path.getsize(os.path.join(flag_values.output, exported.ARTIFACT_FILE))
     print(
         f"Exported step {metadata['step']} of {flag_values.workdir} "
-        f"(K={metadata['num_keypoints']}, {'x'.join(map(str, metadata['image_size']))} images, "
-        "outputs "
+        f"(K={metadata['num_keypoints']}, images of any size, outputs "
         f"{', '.join(metadata['outputs'])}; {size / 2**20:.1f} MiB) to {flag_values.output}."
     )
     return metadata

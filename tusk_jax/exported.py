@@ -8,24 +8,28 @@
 This module owns the export folder's format and its loader. The folder holds
 
 - `detector.jax_export`: a serialized `jax.export.Exported` (StableHLO) of
-  `fn(images)`, images `[b, H, W, 3]` float32 in [0, 1] at the training size
-  H x W with a symbolic batch b, returning a dict of `keypoints` `[b, K, 2]`
-  ((x, y) pixels of the H x W input, pixel centres at integers, SPEC section
-  1), `confidence` `[b, K]`, `prototype` `[b, K]` int32, `descriptors`
-  `[b, K, C]` (unit norm) and optionally `reconstruction` `[b, H, W, 3]`. The
+  `fn(images)`, images `[b, h, w, 3]` float32 in [0, 1] with symbolic b, h
+  and w (any batch and any image size with h * w >= K), returning a dict of
+  `keypoints` `[b, K, 2]` ((x, y) pixels of the h x w input, pixel centres at
+  integers, SPEC section 1), `confidence` `[b, K]`, `prototype` `[b, K]`
+  int32, `descriptors` `[b, K, C]` (unit norm) and optionally
+  `reconstruction` `[b, h, w, 3]`. The program is `inference.Detector.network`,
+  the in-process detector's own body: the image is padded inside it to
+  multiples of 2**(depth - 1) (reflection) and the maps are cropped back. The
   weights are constants of the program: no other file is needed.
-- `detector.json`: what the program is (image size, K, window, number of
-  prototypes, output names, platforms), where it comes from (the run's
-  config, workdir and step, the tusk_jax and jax versions that wrote it) and
-  the artifact's sha256, checked on load.
+- `detector.json`: what the program is (training image size, K, window,
+  number of prototypes, output names, platforms), where it comes from (the
+  run's config, workdir and step, the tusk_jax and jax versions that wrote
+  it) and the artifact's sha256, checked on load.
 
-Input handling is `inference.Detector.detect`'s (`tusk_jax.detection_io`:
-any count and size, uint8 or float, grey or RGB), except for the size: the
-program takes H x W only, so each image is resized (bilinear, antialiased,
-each axis on its own) to H x W and the keypoints are mapped back to its
-pixels. At the training size the keypoints are the in-process detector's; at
-another size they differ, since `inference.Detector` runs the network at the
-image's own size. K is fixed when exporting.
+Around the program, `ExportedDetector.detect` is `inference.Detector.detect`
+through the same helpers (`tusk_jax.detection_io`: `detect_images`,
+`run_by_size`): any count and size, uint8 or float, grey or RGB; `scale`
+resizes each image before the network; each image runs at its own size and
+the keypoints are mapped back to its pixels. So the keypoints are the
+in-process detector's (within float rounding) at every size and scale. K is
+fixed when exporting. Format 1 artifacts (one fixed size, every image
+resized to it) are refused with a line saying to export again.
 
 Only jax, numpy and the standard library are imported (no flax, optax,
 orbax, tfds, ml_collections, PIL): `pip install jax flatbuffers` and
@@ -46,18 +50,12 @@ import numpy as np
 from jax import export as jax_export
 from numpy.typing import ArrayLike
 
-from tusk_jax.detection_io import (
-    Detections,
-    as_image_list,
-    resize_to,
-    stack_batch,
-    to_detections,
-)
+from tusk_jax.detection_io import Detections, as_image_list, detect_images, run_by_size
 
 ARTIFACT_FILE = "detector.jax_export"
 METADATA_FILE = "detector.json"
 FORMAT = "tusk_jax.exported_detector"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: any image size (symbolic h, w); 1: the training size only.
 DETECTION_OUTPUTS = ("keypoints", "confidence", "prototype", "descriptors")
 RECONSTRUCTION_OUTPUT = "reconstruction"
 # Fields every detector.json has (written by tusk_jax.export.export_detector).
@@ -92,7 +90,7 @@ def read_metadata(directory: str) -> dict[str, Any]:
 
     Raises:
       FileNotFoundError: no such file.
-      ValueError: not JSON, not an export's metadata, or a newer format.
+      ValueError: not JSON, not an export's metadata, or another format version.
     """
     path = os.path.join(directory, METADATA_FILE)
     if not os.path.isfile(path):
@@ -111,6 +109,14 @@ def read_metadata(directory: str) -> dict[str, Any]:
         raise ValueError(
             f"{path}: format version {metadata['format_version']} is newer than this loader's "
             f"({FORMAT_VERSION}); tusk_jax {metadata.get('tusk_jax_version')} wrote it."
+        )
+    if metadata.get("format_version", 0) < FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format version {metadata.get('format_version')} (tusk_jax "
+            f"{metadata.get('tusk_jax_version')}) runs every image at one fixed size, so its "
+            "keypoints differ from the in-process detector's at other sizes; this loader reads "
+            f"format {FORMAT_VERSION} (any image size): export it again with python -m "
+            f"tusk_jax.export --workdir={metadata.get('workdir') or 'RUN'} --output={directory}."
         )
     missing = [field for field in METADATA_FIELDS if field not in metadata]
     if missing:
@@ -141,16 +147,16 @@ def _check_program(exported: Any, metadata: dict[str, Any], artifact: str, meta:
             f"{artifact}: lowered for {', '.join(exported.platforms)} only, not for this "
             f"machine's {jax.default_backend()}; export it again with --platforms."
         )
-    height, width = metadata["image_size"]
     problems = []
     if len(exported.in_avals) != 1:
         problems.append(f"the program takes {len(exported.in_avals)} arguments, not one batch")
     else:
         image = exported.in_avals[0]
-        if tuple(image.shape[1:]) != (height, width, 3) or image.dtype != np.float32:
+        any_size = image.ndim == 4 and all(map(jax_export.is_symbolic_dim, image.shape[:3]))
+        if not any_size or image.shape[3] != 3 or image.dtype != np.float32:
             problems.append(
-                f"image_size {height}x{width} in the JSON vs images {image.str_short()} in the "
-                "artifact"
+                f"format {FORMAT_VERSION} takes images float32[b,h,w,3] of any size, the "
+                f"artifact {image.str_short()}"
             )
     names = jax.tree_util.tree_unflatten(exported.out_tree, range(len(exported.out_avals)))
     if not isinstance(names, dict) or set(names) != set(metadata["outputs"]):
@@ -219,10 +225,11 @@ class ExportedDetector:
     Attributes:
       directory: the export folder.
       metadata: its `detector.json`.
-      image_size: (H, W), the training size every image is resized to.
+      image_size: (H, W), the training size (for information: the program
+        takes any size).
       num_keypoints: K, fixed at export.
       num_prototypes: M.
-      window: the NMS / soft-argmax window in pixels of the H x W input.
+      window: the NMS / soft-argmax window in pixels of the network input.
       config: the run's config (a plain dict).
       step: the checkpoint step it was exported from.
       workdir: the run's workdir when it was exported.
@@ -244,6 +251,7 @@ class ExportedDetector:
         self.step = metadata["step"]
         self.workdir = metadata["workdir"]
         self.batch_size = int(batch_size)
+        # One compilation per distinct (batch, height, width), as in process.
         self._call = jax.jit(program.call)
 
     def resolve_num_keypoints(self, num_keypoints: int | None) -> int:
@@ -257,17 +265,8 @@ class ExportedDetector:
         return self.num_keypoints
 
     def _run(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """The program on images resized to H x W; one numpy dict per image."""
-        height, width = self.image_size
-        resized = [resize_to(image, height, width) for image in images]
-        results = []
-        for start in range(0, len(resized), self.batch_size):
-            chunk = resized[start : start + self.batch_size]
-            out = jax.device_get(self._call(stack_batch(chunk, self.batch_size)))
-            results.extend(
-                {name: value[row] for name, value in out.items()} for row in range(len(chunk))
-            )
-        return results
+        """The program on each image at its own size; one numpy dict per image."""
+        return run_by_size(images, self._call, self.batch_size, self.num_keypoints)
 
     def detect(
         self,
@@ -278,36 +277,30 @@ class ExportedDetector:
     ) -> list[Detections]:
         """Keypoints, confidences, prototype ids and descriptors of each image.
 
+        As `inference.Detector.detect` (the same `detection_io.detect_images`).
+
         Args:
           images: one image, a list of images (any sizes) or a batch
-            `[B, H, W, C]` (see `detection_io.as_image_list`); each is resized
-            to the training size for the program.
+            `[B, H, W, C]` (see `detection_io.as_image_list`); each image needs
+            at least K pixels (after `scale`).
           num_keypoints: None or the exported K.
           min_confidence: keypoints with a lower confidence are left out.
-          scale: must be 1 (accepted for `inference.Detector`'s signature): the
-            training size decides the scale here.
+          scale: images are resized by this factor (bilinear) before the
+            network; keypoints are mapped back to the given image's pixels.
 
         Returns:
           One `Detections` per image, in order, keypoints in the given image's
           (x, y) pixels.
         """
         self.resolve_num_keypoints(num_keypoints)
-        if scale != 1:
-            height, width = self.image_size
-            raise ValueError(
-                f"scale={scale!r} does not apply to an exported detector: it resizes every "
-                f"image to its training size {height}x{width}."
-            )
-        originals = as_image_list(images)
-        return [
-            to_detections(out, self.image_size, image.shape[:2], min_confidence)
-            for image, out in zip(originals, self._run(originals), strict=True)
-        ]
+        return detect_images(images, self._run, min_confidence, scale)
 
     def reconstruct(
         self, images: ArrayLike | Sequence[ArrayLike], num_keypoints: int | None = None
     ) -> list[np.ndarray]:
-        """The decoder's rebuild of each image, resized back to the image's size.
+        """The decoder's rebuild of each image from its keypoints, at the image's size.
+
+        As `inference.Detector.reconstruct` (without `return_layers`).
 
         Args:
           images: as for `detect`.
@@ -325,8 +318,5 @@ class ExportedDetector:
                 f"The detector in {self.directory!r} was exported without the reconstruction; "
                 "export again with --reconstruction."
             )
-        originals = as_image_list(images)
-        return [
-            resize_to(np.asarray(out[RECONSTRUCTION_OUTPUT], np.float32), *image.shape[:2])
-            for image, out in zip(originals, self._run(originals), strict=True)
-        ]
+        outputs = self._run(as_image_list(images))
+        return [np.asarray(out[RECONSTRUCTION_OUTPUT], np.float32) for out in outputs]

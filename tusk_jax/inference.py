@@ -31,11 +31,10 @@ from tusk_jax import checkpointing, models, ops
 from tusk_jax.detection_io import (
     Detections,
     as_image_list,
-    pad_image,
+    detect_images,
+    pad_to_multiple,
     padded_size,
-    resize_image,
-    stack_batch,
-    to_detections,
+    run_by_size,
 )
 
 # ----------------------------------------------------------------------------
@@ -73,9 +72,7 @@ class Detector:
         self.workdir = workdir
         self.batch_size = int(batch_size)
         self.pad_multiple = 2 ** (config.model.depth - 1)
-        self._run = jax.jit(
-            self._forward, static_argnames=("height", "width", "num_keypoints", "decode")
-        )
+        self._run = jax.jit(self._forward, static_argnames=("num_keypoints", "decode"))
         self._apply = jax.jit(self._apply_fn, static_argnames=("num_keypoints",))
         self._render = jax.jit(self._render_fn, static_argnames=("size",))
 
@@ -107,9 +104,12 @@ class Detector:
         ids = ops.nearest_prototype(descriptors.reshape(b * k, c), prototypes)
         return ids.reshape(b, k)
 
-    def _forward(self, weights, images, *, height, width, num_keypoints, decode):
+    def _forward(self, weights, images, *, num_keypoints, decode):
+        """`network`'s body on images `[B, H, W, 3]` of any size (H, W may be symbolic)."""
         variables, prototypes = weights
         model = self.model
+        height, width = images.shape[1], images.shape[2]
+        images = pad_to_multiple(images, self.pad_multiple)
         score_map, feature_map = model.apply(variables, images, method=models.TUSK.encode)
         score_map = score_map[:, :height, :width]
         feature_map = feature_map[:, :height, :width]
@@ -159,35 +159,12 @@ class Detector:
     # -- batching ----------------------------------------------------------------
 
     def _batched(self, images: list[np.ndarray], num_keypoints: int, decode: bool) -> list[dict]:
-        """Runs `_forward` on images grouped by size; returns per-image numpy dicts."""
-        results: list[dict | None] = [None] * len(images)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, image in enumerate(images):
-            h, w = image.shape[:2]
-            if h * w < num_keypoints:
-                raise ValueError(
-                    f"images[{index}] ({h}x{w}) has fewer pixels than num_keypoints="
-                    f"{num_keypoints}."
-                )
-            groups.setdefault((h, w), []).append(index)
-        for (h, w), indices in groups.items():
-            hp, wp = padded_size(h, self.pad_multiple), padded_size(w, self.pad_multiple)
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                batch = stack_batch([pad_image(images[i], hp, wp) for i in chunk], self.batch_size)
-                out = jax.device_get(
-                    self._run(
-                        self._weights,
-                        batch,
-                        height=h,
-                        width=w,
-                        num_keypoints=num_keypoints,
-                        decode=decode,
-                    )
-                )
-                for row, index in enumerate(chunk):
-                    results[index] = {name: value[row] for name, value in out.items()}
-        return results
+        """Runs `_forward` on images grouped by size (`run_by_size`); per-image numpy dicts."""
+
+        def program(batch):
+            return self._run(self._weights, batch, num_keypoints=num_keypoints, decode=decode)
+
+        return run_by_size(images, program, self.batch_size, num_keypoints)
 
     def resolve_num_keypoints(self, num_keypoints: int | None) -> int:
         """`num_keypoints` checked (a positive int), or the trained K for None."""
@@ -222,15 +199,9 @@ class Detector:
           one), with at most K keypoints inside each image.
         """
         k = self.resolve_num_keypoints(num_keypoints)
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale!r}.")
-        originals = as_image_list(images)
-        inputs = [resize_image(image, scale) for image in originals] if scale != 1 else originals
-        outputs = self._batched(inputs, k, decode=False)
-        return [
-            to_detections(out, network_input.shape[:2], original.shape[:2], min_confidence)
-            for original, network_input, out in zip(originals, inputs, outputs, strict=True)
-        ]
+        return detect_images(
+            images, lambda inputs: self._batched(inputs, k, decode=False), min_confidence, scale
+        )
 
     def reconstruct(
         self,
@@ -289,19 +260,17 @@ class Detector:
             `alpha`).
 
         Returns:
-          `fn(images)`: `[B, H, W, 3]` float32 in [0, 1], H and W divisible by
-          2**(depth - 1) (B may be symbolic) -> dict of `keypoints` `[B, K, 2]`
-          (x, y) pixels, `confidence` `[B, K]`, `prototype` `[B, K]` int32,
-          `descriptors` `[B, K, C]` and, with `decode`, `reconstruction`
-          `[B, H, W, 3]`.
+          `fn(images)`: `[B, H, W, 3]` float32 in [0, 1] of any size with
+          H * W >= K (padded inside to multiples of 2**(depth - 1) and the maps
+          cropped back, as `detect` does; B, H and W may be symbolic, as in
+          `tusk_jax.export`) -> dict of `keypoints` `[B, K, 2]` (x, y) pixels,
+          `confidence` `[B, K]`, `prototype` `[B, K]` int32, `descriptors`
+          `[B, K, C]` and, with `decode`, `reconstruction` `[B, H, W, 3]`.
         """
         k = self.resolve_num_keypoints(num_keypoints)
 
         def fn(images):
-            height, width = images.shape[1], images.shape[2]
-            return self._forward(
-                self._weights, images, height=height, width=width, num_keypoints=k, decode=decode
-            )
+            return self._forward(self._weights, images, num_keypoints=k, decode=decode)
 
         return fn
 

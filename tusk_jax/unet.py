@@ -124,6 +124,30 @@ def _align_corners_matrix(size: int) -> np.ndarray:
     return matrix
 
 
+def _align_corners_weights(size) -> jax.Array:
+    """`_align_corners_matrix(size)`; traced with jnp where `size` is symbolic (`jax.export`).
+
+    The traced matrix computes the positions in float32 rather than float64:
+    its weights may differ from the numpy one's in the last bits.
+    """
+    if isinstance(size, int):
+        return jnp.asarray(_align_corners_matrix(size))
+    out = 2 * size
+    index = jnp.arange(out, dtype=jnp.int32)
+    size_value = jnp.asarray(size, jnp.int32)
+    # Integer numerator first: integral positions (both ends) stay exact.
+    position = (index * (size_value - 1)).astype(jnp.float32) / jnp.maximum(out - 1, 1).astype(
+        jnp.float32
+    )
+    low = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, size_value - 1)
+    high = jnp.minimum(low + 1, size_value - 1)
+    frac = position - low.astype(jnp.float32)
+    column = jnp.arange(size, dtype=jnp.int32)[None, :]
+    return (1.0 - frac)[:, None] * (column == low[:, None]) + frac[:, None] * (
+        column == high[:, None]
+    )
+
+
 def upsample2x(x: jax.Array, align_corners: bool = True) -> jax.Array:
     """Bilinear 2x up-sampling, `[N, H, W, C] -> [N, 2H, 2W, C]`, in the dtype of `x`.
 
@@ -133,8 +157,8 @@ def upsample2x(x: jax.Array, align_corners: bool = True) -> jax.Array:
     n, h, w, c = x.shape
     if not align_corners:
         return jax.image.resize(x, (n, 2 * h, 2 * w, c), method="bilinear").astype(x.dtype)
-    rows = jnp.asarray(_align_corners_matrix(h), x.dtype)
-    cols = jnp.asarray(_align_corners_matrix(w), x.dtype)
+    rows = _align_corners_weights(h).astype(x.dtype)
+    cols = _align_corners_weights(w).astype(x.dtype)
     return jnp.einsum("ph,qw,nhwc->npqc", rows, cols, x)
 
 

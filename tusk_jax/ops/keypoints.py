@@ -55,7 +55,8 @@ def top_k_peaks(score_map: jax.Array, k: int, window: int) -> tuple[jax.Array, j
 
     Args:
       score_map: `[H, W]` float scores.
-      k: number of peaks, a Python int in [1, H * W].
+      k: number of peaks, a Python int in [1, H * W] (with symbolic H, W the
+        caller ensures H * W >= k).
       window: odd NMS window side, in pixels.
 
     Returns:
@@ -66,8 +67,9 @@ def top_k_peaks(score_map: jax.Array, k: int, window: int) -> tuple[jax.Array, j
     """
     _check_score_map(score_map)
     height, width = score_map.shape
-    if not isinstance(k, int) or k < 1 or k > height * width:
-        raise ValueError(f"k must be an int in [1, {height * width}] (H * W), got {k!r}.")
+    pixels = height * width  # Symbolic under jax.export shape polymorphism: not checked here.
+    if not isinstance(k, int) or k < 1 or (isinstance(pixels, int) and k > pixels):
+        raise ValueError(f"k must be an int in [1, {pixels}] (H * W), got {k!r}.")
     suppressed = non_max_suppression(score_map, window)
     score, flat_index = lax.top_k(suppressed.reshape(-1), k)
     xy = jnp.stack([flat_index % width, flat_index // width], axis=-1).astype(jnp.int32)
