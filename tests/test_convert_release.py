@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from configs import celeba, mnist_hard, tetrominoes
-from tusk_jax import convert_release, inference, torch_files
+from tusk_jax import convert_release, inference, release_files, torch_files
 from tusk_jax.evaluators import landmark_regression
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +112,7 @@ def test_converted_workdir_is_an_ordinary_run(converted):
 
 
 def test_module_prefix_is_optional_and_prototype_entries_must_agree(monkeypatch):
-    state, prototypes, step = convert_release.read_release_state(fixture("mnist_models"))
+    state, prototypes, step = release_files.read_release_state(fixture("mnist_models"))
     assert step == 0 and prototypes.shape == (10, 32)
     assert "encoder.encoder_features.conv_last.weight" in state  # `module.` removed.
     assert not any(key.startswith("module.") for key in state)
@@ -122,21 +122,21 @@ def test_module_prefix_is_optional_and_prototype_entries_must_agree(monkeypatch)
 
     def read_as(model, top):
         monkeypatch.setattr(torch_files, "read_torch_file", lambda path: {"model": model, **top})
-        return convert_release.read_release_state("file")
+        return release_files.read_release_state("file")
 
     # No prefix, and either prototype entry alone.
     np.testing.assert_array_equal(read_as(plain, {})[1], in_dict)
     without = {k: v for k, v in plain.items() if k != "prototype"}
     np.testing.assert_array_equal(read_as(without, {"prototype": in_dict})[1], in_dict)
-    with pytest.raises(convert_release.ReleaseCheckpointError, match="'prototype'.*differ"):
+    with pytest.raises(release_files.ReleaseCheckpointError, match="'prototype'.*differ"):
         read_as(plain, {"prototype": in_dict + 1})
-    with pytest.raises(convert_release.ReleaseCheckpointError, match="no 'prototype' tensor"):
+    with pytest.raises(release_files.ReleaseCheckpointError, match="no 'prototype' tensor"):
         read_as(without, {})
 
 
 def test_release_regressor_reproduces_the_release_outputs():
     config = celeba.get_config()
-    weights = convert_release.read_release_regressor(fixture("LinearProjection_model"), config)
+    weights = release_files.read_release_regressor(fixture("LinearProjection_model"), config)
     assert weights.shape == (2 * 4 * 32, 2 * 5)
     data = np.load(fixture("LinearProjection_outputs.npz"))
     # float32 sums of 256 products of size ~50: the release rounds at ~2e-5.

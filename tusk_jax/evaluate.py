@@ -32,20 +32,18 @@ from tusk_jax import (
     charts,
     checkpointing,
     config_lib,
-    convert_release,
     datasets,
+    eval_table,
     evaluators,
     inference,
     input_pipeline,
+    release_files,
     visualization,
 )
 
+format_table = eval_table.format_table  # Part of this module's API (notebooks use it).
 FIGURE_IMAGES = 8  # Images shown in the detection / reconstruction figures.
-# Landmark regressors `evaluate(regressor=...)` can use: the authors' (a workdir
-# of `convert_release --linear_projection`) or one fitted on `regressor_train`.
-REGRESSORS = ("release", "fit")
-# Training scenes generated for an evaluation-only dataset (`prepare_config(num_objects=...)`):
-# the evaluation never reads them, but a tfds split cannot be empty.
+# Training scenes of an evaluation-only dataset (`prepare_config`): never read, but not empty.
 EVAL_ONLY_NUM_TRAIN = 1
 
 
@@ -257,26 +255,12 @@ def evaluate(
     batch_size = int(batch_size or config.train.batch_size)
     split = split or config.dataset.get("eval_split", "test")
     info = datasets.get_info(config.dataset.name)
-    weights = _release_regressor(workdir, info, regressor)
+    weights = release_files.regressor_weights(workdir, info, regressor)
+    tsne_points = tsne_points if figures else 0
     evaluator, first = evaluate_split(
-        detector,
-        config,
-        split,
-        k,
-        batch_size,
-        tsne_points if figures else 0,
-        progress,
-        regressor=weights,
+        detector, config, split, k, batch_size, tsne_points, progress, regressor=weights
     )
-    tag = ""
-    if num_objects is not None:
-        tag = f"{info.name}_objects{config.dataset.num_objects}_{split}_k{k}"
-    elif (info.name, split, k) != (
-        trained.dataset.name,
-        trained.dataset.get("eval_split", "test"),
-        detector.num_keypoints,
-    ):
-        tag = f"{info.name}_{split}_k{k}"
+    tag = _eval_tag(trained, config, info.name, split, k, detector.num_keypoints, num_objects)
     output = {
         "workdir": os.path.abspath(workdir),
         "dataset": info.name,
@@ -294,26 +278,12 @@ def evaluate(
     return output
 
 
-def _release_regressor(
-    workdir: str, info: datasets.common.DatasetInfo, regressor: str | None
-) -> np.ndarray | None:
-    """The authors' regressor weights to evaluate with, or None (fit one), as `regressor` says."""
-    if regressor is not None and regressor not in REGRESSORS:
-        raise ValueError(f"regressor must be one of {REGRESSORS}, got {regressor!r}.")
-    if regressor is not None and info.task != "landmarks":
-        raise ValueError(
-            f"--regressor is for landmark datasets; {info.name!r} is a {info.task} dataset."
-        )
-    if info.task != "landmarks" or regressor == "fit":
-        return None
-    weights = convert_release.load_regressor(workdir)
-    if weights is None and regressor == "release":
-        raise FileNotFoundError(
-            f"--regressor=release: {workdir} has no {convert_release.REGRESSOR_FILE}; convert "
-            "the authors' LinearProjection_model with python -m tusk_jax.convert_release "
-            "--linear_projection=..., or use --regressor=fit."
-        )
-    return weights
+def _eval_tag(trained, config, name, split, k, trained_k, num_objects) -> str:
+    """The `eval/<step>/` subfolder of an evaluation unlike the run's own ('' for that one)."""
+    if num_objects is not None:
+        return f"{name}_objects{config.dataset.num_objects}_{split}_k{k}"
+    own = (trained.dataset.name, trained.dataset.get("eval_split", "test"), trained_k)
+    return f"{name}_{split}_k{k}" if (name, split, k) != own else ""
 
 
 def _paper_row(row: datasets.common.PaperResult) -> dict[str, Any]:
@@ -440,37 +410,6 @@ def _write_outputs(
     logging.info("Wrote %s", path)
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """The metrics beside the paper's (SPEC 8) in percent, then `purity.summary_lines`."""
-    name, found = result["dataset"], result["metrics"]
-    note = evaluators.purity.matched_note  # Attribute accuracies come with the matched fraction.
-    rows = [("metric", "ours", "TUSK paper", "best other in the paper")]
-    shown = {"num_examples", *evaluators.purity.LARGEST}
-    paper = datasets.get_info(name).paper if name in datasets.names() else ()
-    for row in paper:
-        value = found.get(row.metric)
-        ours = "n/a" if value is None else f"{100.0 * float(value):.2f}{note(row.metric, found)}"
-        rows.append((row.label, ours, f"{row.tusk:.2f}", row.best_other or "-"))
-        shown.add(row.metric)
-    extra = [k for k, v in found.items() if k not in shown and isinstance(v, (int, float))]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    objects = result.get("num_objects")
-    lines = [
-        f"{name} / {result['split']}, step {result['step']}, K = {result['num_keypoints']}, "
-        f"{found['num_examples']} examples"
-        + (f", {objects} objects per scene" if objects else "")
-        + (f", {found['regressor']} regressor" if found.get("regressor") else ""),
-    ]
-    for i, row in enumerate(rows):
-        cells = (cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-        lines.append("  ".join(cells).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    if extra:
-        lines.append("other: " + ", ".join(f"{k} = {found[k]:.4g}{note(k, found)}" for k in extra))
-    return "\n".join(lines + evaluators.purity.summary_lines(found))
-
-
 # ----------------------------------------------------------------------------
 # Command line.
 # ----------------------------------------------------------------------------
@@ -510,7 +449,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_enum(
         "regressor",
         None,
-        list(REGRESSORS),
+        list(release_files.REGRESSORS),
         "Landmark datasets: release (the authors' regressor, in workdirs of convert_release "
         "--linear_projection) or fit (fitted on regressor_train); default: release where present.",
         **fv,

@@ -5,7 +5,7 @@ these figures take it apart. A prototype's purity for an attribute is the
 count of its majority label over its matched keypoints (object discovery) or
 matched detections (MNIST-Hard); a prototype nearest to a large share of all
 keypoints while its purity is low is a catch-all. The text lines here are the
-printed evaluation table's (`tusk_jax.evaluate.format_table`).
+printed evaluation table's (`tusk_jax.eval_table.format_table`).
 """
 
 from __future__ import annotations
