@@ -13,12 +13,18 @@ The files change only on request, when a change of numbers is intended
   TUSK_JAX_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py
 
 They hold what the two host CPU devices of `conftest.py` compute. XLA's CPU
-code depends on the processor (an AMD EPYC without AVX-512 differs from the
+code depends on the processor (an AMD EPYC without AVX-512 differed from the
 machine of the first recording in the last bit of the first step, and four
-steps amplify that to a few per cent), so each platform has its own set:
+steps amplified that to up to 3.4 % in a loss), so each platform has its own set:
 `tests/golden/tetrominoes_test/<vendor>_<simd>/` (`platform_key`), written by
-the update above. A run must equal its platform's set bit for bit, or, on a
-platform without one, one of the recorded sets; a changed number matches none.
+the update above. A run must equal its platform's set bit for bit. On a
+platform without a set it must be close to one of the recorded sets
+(`close_to_golden`): every number within `FALLBACK_RTOL` of it, except the
+`DISCRETE_FIELDS` (counts and accuracies over the 16 test scenes, which a
+last-bit difference can flip), which only have to be there with the same
+type and length (of the evaluation's numbers, that leaves the reconstruction
+error and the mean confidence). Record the platform's own set to check it
+bit for bit.
 """
 
 import json
@@ -34,6 +40,21 @@ UPDATE = os.environ.get("TUSK_JAX_UPDATE_GOLDEN") == "1"
 # Fields that measure time or name this machine's folders, not the model.
 WALL_CLOCK_FIELDS = ("steps_per_second",)
 PATH_FIELDS = ("workdir", "eval_dir", "figures")
+# A platform without its own set: numbers within this relative tolerance of
+# a recorded set (two CPUs differ by up to 3.4 % after four steps, measured).
+FALLBACK_RTOL = 0.1
+# Decisions over few scenes or descriptors (argmax, thresholds): a last-bit
+# difference flips them (the two CPUs above: shape accuracy 1/3 vs 1/2 on 16
+# scenes), so the fallback checks only their presence, type and length.
+DISCRETE_FIELDS = (
+    "ari",
+    "ari_fg",
+    "color_accuracy",
+    "shape_accuracy",
+    "matched_keypoint_fraction",
+    "prototype_usage",
+    "prototypes_in_use",
+)
 
 
 def training_records(workdir: str) -> list[dict]:
@@ -73,6 +94,43 @@ def platform_key() -> str:
 PLATFORM = platform_key()
 
 
+def close_to_golden(found, golden, rtol: float = FALLBACK_RTOL, field: str = "") -> list[str]:
+    """The differences of `found` from `golden` beyond the fallback's tolerance.
+
+    Same structure and strings; numbers within `rtol` of the larger magnitude
+    (ints that count steps or examples exactly); `DISCRETE_FIELDS` only the same
+    type (and length for lists). Returns one line per difference, empty when close.
+    """
+    name = field.rsplit(".", 1)[-1]
+    if name in DISCRETE_FIELDS:
+        same = type(found) is type(golden) and (
+            not isinstance(found, list) or len(found) == len(golden)
+        )
+        return [] if same else [f"{field}: {found!r} vs {golden!r}"]
+    if isinstance(golden, dict) and isinstance(found, dict):
+        if set(found) != set(golden):
+            return [f"{field}: keys {sorted(found)} vs {sorted(golden)}"]
+        return [
+            d
+            for k in golden
+            for d in close_to_golden(found[k], golden[k], rtol, f"{field}.{k}" if field else k)
+        ]
+    if isinstance(golden, list) and isinstance(found, list):
+        if len(found) != len(golden):
+            return [f"{field}: {len(found)} items vs {len(golden)}"]
+        return [
+            d
+            for i, (a, b) in enumerate(zip(found, golden, strict=True))
+            for d in close_to_golden(a, b, rtol, f"{field}[{i}]")
+        ]
+    if isinstance(golden, float) and isinstance(found, float):
+        if abs(found - golden) <= rtol * max(abs(found), abs(golden)):
+            return []
+    elif found == golden and type(found) is type(golden):
+        return []
+    return [f"{field}: {found!r} vs {golden!r}"]
+
+
 def _check(name: str, found) -> None:
     # Round-trip through JSON so both sides hold the same types (NaN as strings).
     found = json.loads(json.dumps(found))
@@ -90,14 +148,22 @@ def _check(name: str, found) -> None:
         pytest.fail(
             f"no recorded {name} under {GOLDEN_ROOT}; generate it with TUSK_JAX_UPDATE_GOLDEN=1."
         )
-    # This platform's own set when it has one; otherwise any recorded set.
-    candidates = [PLATFORM] if PLATFORM in sets else sets
-    goldens = []
-    for folder in candidates:
+    # This platform's own set, bit for bit, when it has one.
+    if PLATFORM in sets:
+        with open(os.path.join(GOLDEN_ROOT, PLATFORM, name)) as f:
+            assert found == json.load(f), f"{name} differs from the {PLATFORM} set"
+        return
+    # Otherwise close to any recorded set.
+    differences = {}
+    for folder in sets:
         with open(os.path.join(GOLDEN_ROOT, folder, name)) as f:
-            goldens.append(json.load(f))
-    assert any(found == golden for golden in goldens), (
-        f"{name} equals none of {candidates} (recorded: {sets}; this platform: {PLATFORM})"
+            differences[folder] = close_to_golden(found, json.load(f))
+        if not differences[folder]:
+            return
+    pytest.fail(
+        f"{name} is not within {FALLBACK_RTOL:.0%} of any recorded set ({sets}; this platform, "
+        f"{PLATFORM}, has none): "
+        + "; ".join(f"{k}: {', '.join(v[:3])}" for k, v in differences.items())
     )
 
 
@@ -167,3 +233,15 @@ def _step_variant_metrics(overrides: dict) -> list[dict]:
 @pytest.mark.parametrize("name,overrides", STEP_VARIANTS, ids=[v[0] for v in STEP_VARIANTS])
 def test_train_step_variants_are_unchanged(name, overrides):
     _check(f"step_{name}.json", _step_variant_metrics(overrides))
+
+
+def test_fallback_tolerance():
+    """Another CPU's numbers pass the fallback; a changed number or field does not."""
+    golden = {"metrics": {"loss": 0.5, "ari": 0.33, "prototype_usage": [1, 2]}, "step": 4}
+    other_cpu = {"metrics": {"loss": 0.517, "ari": 0.5, "prototype_usage": [2, 1]}, "step": 4}
+    assert close_to_golden(other_cpu, golden) == []
+    changed = {"metrics": {"loss": 0.6, "ari": 0.33, "prototype_usage": [1, 2]}, "step": 4}
+    assert close_to_golden(changed, golden) == ["metrics.loss: 0.6 vs 0.5"]
+    assert close_to_golden({**other_cpu, "step": 5}, golden) == ["step: 5 vs 4"]
+    fewer = {"metrics": {"loss": 0.5, "ari": 0.33, "prototype_usage": [1]}, "step": 4}
+    assert close_to_golden(fewer, golden)
