@@ -11,6 +11,13 @@ per GPU = 64 pairs per step, both learning rates x 2 (2e-3, 0.2), the
 perceptual loss the sum of its four VGG16 terms, equivariance weights 0.01
 (score map) and 100 (feature map). Where the paper says otherwise: batch 32
 (images), learning rates 1e-3 and 0.1, equivariance weights 0.05 and 500.
+
+The paper config takes the release's choices (the base defaults, among
+them `nearest` descriptors, `tps.grid=release`, `tps.outside=zeros`); `:test`
+follows it. `:cpu` reads descriptors with `bilinear_stop_gradient` (measured
+better at CPU scale, see the README's Fidelity section) and keeps tusk_jax's
+former warps, `tps.grid=pixel_centres` and `tps.outside=padding`
+(`base.cpu_overrides`).
 """
 
 from configs import base

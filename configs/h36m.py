@@ -9,6 +9,13 @@ The release's effective settings (`configs/h36m.yaml` on 2 GPUs): K = 12
 keypoints, M = 24 prototypes, 32 pairs per GPU = 64 pairs per step, both
 learning rates x 2 (2e-3, 0.2). Where the paper says otherwise: K = 16, M = 32,
 batch 32 (images), learning rates 1e-3 and 0.1.
+
+The paper config takes the release's choices (the base defaults, among
+them `nearest` descriptors, `tps.grid=release`, `tps.outside=zeros`); `:test`
+follows it. `:cpu` reads descriptors with `bilinear_stop_gradient` (measured
+better at CPU scale, see the README's Fidelity section) and keeps tusk_jax's
+former warps, `tps.grid=pixel_centres` and `tps.outside=padding`
+(`base.cpu_overrides`).
 """
 
 from configs import base

@@ -12,6 +12,13 @@ The release's effective settings (`configs/tet.yaml` on 2 GPUs): 38 pairs per
 GPU = 76 pairs per step, both learning rates x 2 GPUs (2e-3, 0.2). Where the
 paper's Table 10 says otherwise: batch 76 there counts images (38 pairs),
 learning rates 1e-3 and 0.1.
+
+The paper config takes the release's choices (the base defaults, among
+them `nearest` descriptors, `tps.grid=release`, `tps.outside=zeros`); `:test`
+follows it. `:cpu` reads descriptors with `bilinear_stop_gradient` (measured
+better at CPU scale, see the README's Fidelity section) and keeps tusk_jax's
+former warps, `tps.grid=pixel_centres` and `tps.outside=padding`
+(`base.cpu_overrides`).
 """
 
 from configs import base

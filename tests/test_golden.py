@@ -5,9 +5,7 @@ conftest's `trained_tetrominoes` run (every logged value, wall-clock fields
 left out) and the `eval/<step>/metrics.json` of `evaluate` on it (as the
 `python -m tusk_jax.evaluate` command writes it; paths left out) with the
 files under `tests/golden/`. Floats are compared exactly (JSON keeps every
-bit of a Python float). The evaluation is compared on the golden file's fields
-(`recorded_fields`): a metric or figure added later is not in the golden file
-and leaves it valid; a recorded one that changes or disappears fails.
+bit of a Python float).
 
 The files change only on request, when a change of numbers is intended
 (explain it in the commit):
@@ -15,12 +13,18 @@ The files change only on request, when a change of numbers is intended
   TUSK_JAX_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py
 
 They hold what the two host CPU devices of `conftest.py` compute. XLA's CPU
-code depends on the processor (an AMD EPYC without AVX-512 differs from the
+code depends on the processor (an AMD EPYC without AVX-512 differed from the
 machine of the first recording in the last bit of the first step, and four
-steps amplify that to a few per cent), so each platform has its own set:
+steps amplified that to up to 3.4 % in a loss), so each platform has its own set:
 `tests/golden/tetrominoes_test/<vendor>_<simd>/` (`platform_key`), written by
-the update above. A run must equal its platform's set bit for bit, or, on a
-platform without one, one of the recorded sets; a changed number matches none.
+the update above. A run must equal its platform's set bit for bit. On a
+platform without a set it must be close to one of the recorded sets
+(`close_to_golden`): every number within `FALLBACK_RTOL` of it, except the
+`DISCRETE_FIELDS` (counts and accuracies over the 16 test scenes, which a
+last-bit difference can flip), which only have to be there with the same
+type and length (of the evaluation's numbers, that leaves the reconstruction
+error and the mean confidence). Record the platform's own set to check it
+bit for bit.
 """
 
 import json
@@ -36,6 +40,21 @@ UPDATE = os.environ.get("TUSK_JAX_UPDATE_GOLDEN") == "1"
 # Fields that measure time or name this machine's folders, not the model.
 WALL_CLOCK_FIELDS = ("steps_per_second",)
 PATH_FIELDS = ("workdir", "eval_dir", "figures")
+# A platform without its own set: numbers within this relative tolerance of
+# a recorded set (two CPUs differ by up to 3.4 % after four steps, measured).
+FALLBACK_RTOL = 0.1
+# Decisions over few scenes or descriptors (argmax, thresholds): a last-bit
+# difference flips them (the two CPUs above: shape accuracy 1/3 vs 1/2 on 16
+# scenes), so the fallback checks only their presence, type and length.
+DISCRETE_FIELDS = (
+    "ari",
+    "ari_fg",
+    "color_accuracy",
+    "shape_accuracy",
+    "matched_keypoint_fraction",
+    "prototype_usage",
+    "prototypes_in_use",
+)
 
 
 def training_records(workdir: str) -> list[dict]:
@@ -75,27 +94,44 @@ def platform_key() -> str:
 PLATFORM = platform_key()
 
 
-def recorded_fields(found, golden):
-    """`found` cut down to the fields `golden` records (dict keys, figure names).
+def close_to_golden(found, golden, rtol: float = FALLBACK_RTOL, field: str = "") -> list[str]:
+    """The differences of `found` from `golden` beyond the fallback's tolerance.
 
-    Dicts keep the golden's keys that `found` has (a missing one stays missing,
-    so the comparison fails); lists of names (the figures) keep the golden's
-    names; lists of the same length are cut element by element; anything else
-    is returned unchanged.
+    Same structure and strings; numbers within `rtol` of the larger magnitude
+    (ints that count steps or examples exactly); `DISCRETE_FIELDS` only the same
+    type (and length for lists). Returns one line per difference, empty when close.
     """
-    if isinstance(found, dict) and isinstance(golden, dict):
-        return {k: recorded_fields(found[k], golden[k]) for k in golden if k in found}
-    if isinstance(found, list) and isinstance(golden, list):
-        if all(isinstance(v, str) for v in found + golden):
-            return [v for v in found if v in golden]
-        if len(found) == len(golden):
-            return [recorded_fields(f, g) for f, g in zip(found, golden, strict=True)]
-    return found
+    name = field.rsplit(".", 1)[-1]
+    if name in DISCRETE_FIELDS:
+        same = type(found) is type(golden) and (
+            not isinstance(found, list) or len(found) == len(golden)
+        )
+        return [] if same else [f"{field}: {found!r} vs {golden!r}"]
+    if isinstance(golden, dict) and isinstance(found, dict):
+        if set(found) != set(golden):
+            return [f"{field}: keys {sorted(found)} vs {sorted(golden)}"]
+        return [
+            d
+            for k in golden
+            for d in close_to_golden(found[k], golden[k], rtol, f"{field}.{k}" if field else k)
+        ]
+    if isinstance(golden, list) and isinstance(found, list):
+        if len(found) != len(golden):
+            return [f"{field}: {len(found)} items vs {len(golden)}"]
+        return [
+            d
+            for i, (a, b) in enumerate(zip(found, golden, strict=True))
+            for d in close_to_golden(a, b, rtol, f"{field}[{i}]")
+        ]
+    if isinstance(golden, float) and isinstance(found, float):
+        if abs(found - golden) <= rtol * max(abs(found), abs(golden)):
+            return []
+    elif found == golden and type(found) is type(golden):
+        return []
+    return [f"{field}: {found!r} vs {golden!r}"]
 
 
-def _check(name: str, found, fields_of_golden: bool = False) -> None:
-    """Asserts `found` equals a recorded golden file `name` (with `fields_of_golden`,
-    on that file's fields only, `recorded_fields`); writes it under UPDATE."""
+def _check(name: str, found) -> None:
     # Round-trip through JSON so both sides hold the same types (NaN as strings).
     found = json.loads(json.dumps(found))
     if UPDATE:
@@ -112,20 +148,22 @@ def _check(name: str, found, fields_of_golden: bool = False) -> None:
         pytest.fail(
             f"no recorded {name} under {GOLDEN_ROOT}; generate it with TUSK_JAX_UPDATE_GOLDEN=1."
         )
-    # This platform's own set when it has one; otherwise any recorded set.
-    candidates = [PLATFORM] if PLATFORM in sets else sets
-    goldens = []
-    for folder in candidates:
-        with open(os.path.join(GOLDEN_ROOT, folder, name)) as f:
-            goldens.append(json.load(f))
-    if fields_of_golden:
-        assert any(recorded_fields(found, golden) == golden for golden in goldens), (
-            f"{name}: its recorded fields equal none of {candidates} (recorded: {sets}; "
-            f"this platform: {PLATFORM})"
-        )
+    # This platform's own set, bit for bit, when it has one.
+    if PLATFORM in sets:
+        with open(os.path.join(GOLDEN_ROOT, PLATFORM, name)) as f:
+            assert found == json.load(f), f"{name} differs from the {PLATFORM} set"
         return
-    assert any(found == golden for golden in goldens), (
-        f"{name} equals none of {candidates} (recorded: {sets}; this platform: {PLATFORM})"
+    # Otherwise close to any recorded set.
+    differences = {}
+    for folder in sets:
+        with open(os.path.join(GOLDEN_ROOT, folder, name)) as f:
+            differences[folder] = close_to_golden(found, json.load(f))
+        if not differences[folder]:
+            return
+    pytest.fail(
+        f"{name} is not within {FALLBACK_RTOL:.0%} of any recorded set ({sets}; this platform, "
+        f"{PLATFORM}, has none): "
+        + "; ".join(f"{k}: {', '.join(v[:3])}" for k, v in differences.items())
     )
 
 
@@ -143,26 +181,7 @@ def test_training_metrics_are_unchanged(workdir):
 
 
 def test_evaluation_metrics_are_unchanged(workdir):
-    _check("eval_metrics.json", evaluation_record(workdir), fields_of_golden=True)
-
-
-def test_recorded_fields_ignore_new_fields_only():
-    golden = {"metrics": {"ari": 0.5, "usage": [1, 2]}, "figures": ["alpha", "tsne"]}
-    grown = {
-        "metrics": {"ari": 0.5, "usage": [1, 2], "new": 3},
-        "figures": ["alpha", "new", "tsne"],
-    }
-    assert recorded_fields(grown, golden) == golden
-    changed = {"metrics": {"ari": 0.25, "usage": [1, 2]}, "figures": ["alpha", "tsne"]}
-    assert recorded_fields(changed, golden) != golden
-    lost = {"metrics": {"usage": [1, 2], "new": 3}, "figures": ["alpha"]}
-    assert recorded_fields(lost, golden) != golden
-    assert (
-        recorded_fields(
-            {"metrics": {"ari": 0.5, "usage": [1, 3]}, "figures": ["alpha", "tsne"]}, golden
-        )
-        != golden
-    )
+    _check("eval_metrics.json", evaluation_record(workdir))
 
 
 # The ablations and options the shared run does not take: (name, dotted field -> value).
@@ -214,3 +233,15 @@ def _step_variant_metrics(overrides: dict) -> list[dict]:
 @pytest.mark.parametrize("name,overrides", STEP_VARIANTS, ids=[v[0] for v in STEP_VARIANTS])
 def test_train_step_variants_are_unchanged(name, overrides):
     _check(f"step_{name}.json", _step_variant_metrics(overrides))
+
+
+def test_fallback_tolerance():
+    """Another CPU's numbers pass the fallback; a changed number or field does not."""
+    golden = {"metrics": {"loss": 0.5, "ari": 0.33, "prototype_usage": [1, 2]}, "step": 4}
+    other_cpu = {"metrics": {"loss": 0.517, "ari": 0.5, "prototype_usage": [2, 1]}, "step": 4}
+    assert close_to_golden(other_cpu, golden) == []
+    changed = {"metrics": {"loss": 0.6, "ari": 0.33, "prototype_usage": [1, 2]}, "step": 4}
+    assert close_to_golden(changed, golden) == ["metrics.loss: 0.6 vs 0.5"]
+    assert close_to_golden({**other_cpu, "step": 5}, golden) == ["step: 5 vs 4"]
+    fewer = {"metrics": {"loss": 0.5, "ari": 0.33, "prototype_usage": [1]}, "step": 4}
+    assert close_to_golden(fewer, golden)

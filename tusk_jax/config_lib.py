@@ -33,6 +33,8 @@ PROTOTYPE_DESCRIPTORS = ("updated", "stale")
 CHOICES = {
     "loss.recon": ("mse", "perceptual"),
     "tps.padding": ("reflect", "constant"),
+    "tps.grid": ops.TPS_GRIDS,
+    "tps.outside": ops.WARP_OUTSIDES,
     "train.prototype_objective": PROTOTYPE_OBJECTIVES,
     "loss.sw_count_rounding": ops.COUNT_ROUNDINGS,
     "train.lr_schedule": LR_SCHEDULES,
@@ -58,6 +60,8 @@ LEGACY_VALUES = {
     "train.lr_schedule": "constant",
     "train.warmup_steps": 0,
     "train.prefetch_to_device": 0,
+    "tps.grid": "pixel_centres",
+    "tps.outside": "padding",
 }
 
 

@@ -42,6 +42,8 @@ class LossConfig:
     sw_count_rounding: str = "last"
     sw_spread: str = "channel_mean"
     compute_dtype: str = "float32"  # `model.dtype`: VGG16 of the perceptual loss computes in it.
+    # `tps.outside`: what L_eqv's warps of the maps read beyond the padded canvas.
+    eqv_outside: str = "zeros"
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
@@ -50,6 +52,7 @@ class LossConfig:
         return cls(
             weights={name: loss[field] for name, field in WEIGHT_FIELDS.items()},
             compute_dtype=config.model.dtype,
+            eqv_outside=config.tps.outside,
             **{name: loss[name] for name in fields},
         )
 
@@ -90,6 +93,7 @@ def equivariance_losses(
     score_2: jax.Array,
     feature_2: jax.Array,
     grids: jax.Array,
+    outside: str = "zeros",
 ) -> tuple[jax.Array, jax.Array]:
     """The two parts of L_eqv: (score-map MSE, feature-map MSE).
 
@@ -101,8 +105,10 @@ def equivariance_losses(
       score_1, score_2: `[B, H, W]` score maps of I1 and I2.
       feature_1, feature_2: `[B, H, W, C]` feature maps of I1 and I2.
       grids: `[B, H + 2p, W + 2p, 2]` normalised sampling grids of T.
+      outside: what the warps read beyond the padded canvas (`ops.WARP_OUTSIDES`):
+        "zeros" (the release's grid_sample) or "padding" (the reflection continued).
     """
-    warp = jax.vmap(functools.partial(ops.warp_padded, padding="reflect"))
+    warp = jax.vmap(functools.partial(ops.warp_padded, padding="reflect", outside=outside))
     warped_score = warp(score_1[..., None], grids)[..., 0]
     warped_feature = warp(feature_1, grids)
     return (
@@ -159,6 +165,7 @@ def network_terms(
         out["score_map"][b:],
         out["feature_map"][b:],
         grids,
+        cfg.eqv_outside,
     )
     return terms
 

@@ -74,7 +74,7 @@ class ModelConfig:
     window: int = 27
     temperature: float = 0.2
     soft_argmax_border: str = "zeros"
-    descriptor_sampling: str = "bilinear_stop_gradient"
+    descriptor_sampling: str = "nearest"
     splat_variance: float = 0.05
     decoder_mode: str = "alpha"
     dtype: str = "float32"

@@ -27,7 +27,7 @@ from tusk_jax import state as state_lib
 
 AXIS = state_lib.AXIS
 
-TPS_FIELDS = ("scale", "scale_var", "tps", "off", "rot", "padding", "cval")
+TPS_FIELDS = ("scale", "scale_var", "tps", "off", "rot", "padding", "cval", "grid", "outside")
 
 
 @dataclasses.dataclass(frozen=True)

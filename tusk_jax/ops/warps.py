@@ -6,6 +6,10 @@ of pixel i of a side of n pixels is (2 i + 1) / n - 1. A point is (x, y).
 
 A sampling grid `[H, W, 2]` says where each output pixel reads the input:
 output pixel (x, y) takes the input bilinearly sampled at `grid[y, x]`.
+
+Two choices of the authors' release are options here (`TPS_GRIDS`,
+`WARP_OUTSIDES`): where the spline of a random warp is evaluated, and what a
+warp reads beyond the padded canvas.
 """
 
 import jax
@@ -40,6 +44,18 @@ _BORDER_ANCHORS = np.array(
 )
 # The mild warp that turns an image into I1 (SPEC 4).
 MILD_TPS = dict(scale=0.98, scale_var=0.02, tps=0.03, off=0.02, rot=0.05)
+# Where a random warp's spline is evaluated (`tps.grid`):
+# "release": at linspace(-1, 1, n) per axis, read as align_corners=False grids
+#   (the release: utils/tps.py evaluates there, grid_sample reads with
+#   align_corners=False), so even the identity spline zooms out by n / (n - 1)
+#   about the centre: output pixel i reads input pixel i n / (n - 1) - 1/2;
+# "pixel_centres": at the pixel centres, the identity spline is the identity.
+TPS_GRIDS = ("release", "pixel_centres")
+# What a warp of the training pair reads beyond its padded canvas (`tps.outside`):
+# "zeros": 0 (the release: torch grid_sample's default zero padding, in both
+#   pair-making warps and in the equivariance loss's warps of the maps);
+# "padding": the canvas's own padding continued (reflection, or `cval`).
+WARP_OUTSIDES = ("zeros", "padding")
 
 
 def pixel_to_normalised(xy: jax.Array, height: int, width: int) -> jax.Array:
@@ -58,6 +74,22 @@ def identity_grid(height: int, width: int) -> jax.Array:
     """`[H, W, 2]` sampling grid of the identity warp (normalised pixel centres)."""
     ys, xs = jnp.meshgrid(jnp.arange(height), jnp.arange(width), indexing="ij")
     return pixel_to_normalised(jnp.stack([xs, ys], axis=-1).astype(jnp.float32), height, width)
+
+
+def tps_query_grid(height: int, width: int, grid: str = "pixel_centres") -> jax.Array:
+    """`[H, W, 2]` normalised points at which a warp's spline is evaluated (`TPS_GRIDS`).
+
+    "pixel_centres": `identity_grid`; "release": x = linspace(-1, 1, W) along
+    a row, y = linspace(-1, 1, H) down a column (the border pixels' outer edges).
+    """
+    if grid not in TPS_GRIDS:
+        raise ValueError(f"grid must be one of {TPS_GRIDS}, got {grid!r}.")
+    if grid == "pixel_centres":
+        return identity_grid(height, width)
+    ys, xs = jnp.meshgrid(
+        jnp.linspace(-1.0, 1.0, height), jnp.linspace(-1.0, 1.0, width), indexing="ij"
+    )
+    return jnp.stack([xs, ys], axis=-1).astype(jnp.float32)
 
 
 def random_tps(
@@ -152,14 +184,22 @@ def tps_transform(points: jax.Array, displacement: jax.Array, query: jax.Array) 
 
 
 def tps_sampling_grid(
-    points: jax.Array, displacement: jax.Array, height: int, width: int
+    points: jax.Array,
+    displacement: jax.Array,
+    height: int,
+    width: int,
+    grid: str = "pixel_centres",
 ) -> jax.Array:
-    """The spline of `tps_transform` evaluated at the pixel centres.
+    """The spline of `tps_transform` evaluated at the pixel centres (or `tps_query_grid`).
+
+    Args:
+      grid: one of `TPS_GRIDS`: where the spline is evaluated; "release"
+        zooms out by n / (n - 1) on top of the spline (see `TPS_GRIDS`).
 
     Returns:
       `[H, W, 2]` normalised sampling grid for `warp`.
     """
-    return tps_transform(points, displacement, identity_grid(height, width))
+    return tps_transform(points, displacement, tps_query_grid(height, width, grid))
 
 
 def warp(
@@ -209,8 +249,27 @@ def pad(values: jax.Array, width: int, padding: str, cval: float = 0.0) -> jax.A
     return jnp.pad(values, spec, mode="constant", constant_values=cval)
 
 
+def _check_outside(outside: str) -> None:
+    if outside not in WARP_OUTSIDES:
+        raise ValueError(f"outside must be one of {WARP_OUTSIDES}, got {outside!r}.")
+
+
+def _warp_canvas(
+    canvas: jax.Array, grid: jax.Array, padding: str, cval: float, outside: str
+) -> jax.Array:
+    """`warp` of an already padded canvas; beyond it, zeros or the padding (`WARP_OUTSIDES`)."""
+    _check_outside(outside)
+    if outside == "zeros":
+        return warp(canvas, grid, "constant", 0.0)
+    return warp(canvas, grid, padding, cval)
+
+
 def warp_padded(
-    values: jax.Array, grid: jax.Array, padding: str = "reflect", cval: float = 0.0
+    values: jax.Array,
+    grid: jax.Array,
+    padding: str = "reflect",
+    cval: float = 0.0,
+    outside: str = "zeros",
 ) -> jax.Array:
     """Warps a map on its padded canvas and crops the pad, as pairs are made.
 
@@ -218,6 +277,11 @@ def warp_padded(
     (as returned by `make_training_pair`); `values` is `[H, W, C]` and is
     padded by p first. This is how the warp T of a pair is applied to score
     and feature maps in the equivariance loss.
+
+    Args:
+      padding, cval: how the canvas is padded ('reflect' or 'constant').
+      outside: one of `WARP_OUTSIDES`: what is read beyond the padded canvas,
+        0 ("zeros", the release) or the padding continued ("padding").
 
     Returns:
       `[H, W, C]`.
@@ -231,7 +295,7 @@ def warp_padded(
             f"grid must cover the padded canvas {(height + 2 * p, width + 2 * p)} of a "
             f"{(height, width)} map, got {grid.shape[:2]}."
         )
-    warped = warp(pad(values, p, padding, cval), grid, padding, cval)
+    warped = _warp_canvas(pad(values, p, padding, cval), grid, padding, cval, outside)
     return warped[p : p + height, p : p + width]
 
 
@@ -245,19 +309,25 @@ def make_training_pair(
     rot: float,
     padding: str = "reflect",
     cval: float = 0.0,
+    grid: str = "release",
+    outside: str = "zeros",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Makes the training pair (I1, I2 = T(I1)) of SPEC section 4 from one image.
 
     The image is padded by H / 5 pixels (`padding`, `cval`), warped once with
     the mild TPS `MILD_TPS` into I1, and I1 is warped with a TPS T of the
-    given strength into I2; both are cropped back to `[H, W, 3]`.
+    given strength into I2; both are cropped back to `[H, W, 3]`. The
+    defaults of `grid` and `outside` are the release's.
 
     Args:
       key: a `jax.random` key.
       image: `[H, W, 3]` float in [0, 1].
       scale, scale_var, tps, off, rot: the dataset's TPS strength (`random_tps`).
-      padding: 'reflect' or 'constant' fill of the pad and beyond.
+      padding: 'reflect' or 'constant' fill of the pad.
       cval: fill value for 'constant' (0 for MNIST, 1 for H36M).
+      grid: one of `TPS_GRIDS`, where both warps' splines are evaluated (the
+        returned grid of T, which the equivariance loss reuses, too).
+      outside: one of `WARP_OUTSIDES`, what both warps read beyond the canvas.
 
     Returns:
       `(i1, i2, grid)`: the two `[H, W, 3]` images and T's sampling grid
@@ -265,15 +335,17 @@ def make_training_pair(
     """
     _checks.check_rank("image", image, 3)
     _checks.check_float("image", image)
+    _check_outside(outside)
     height, width = image.shape[:2]
     p = pad_width(height)
+    canvas = (height + 2 * p, width + 2 * p)
     key_mild, key_t = jax.random.split(key)
     padded = pad(image, p, padding, cval)
-    mild_grid = tps_sampling_grid(*random_tps(key_mild, **MILD_TPS), height + 2 * p, width + 2 * p)
-    i1_padded = warp(padded, mild_grid, padding, cval)
-    grid = tps_sampling_grid(
-        *random_tps(key_t, scale, scale_var, tps, off, rot), height + 2 * p, width + 2 * p
+    mild_grid = tps_sampling_grid(*random_tps(key_mild, **MILD_TPS), *canvas, grid=grid)
+    i1_padded = _warp_canvas(padded, mild_grid, padding, cval, outside)
+    t_grid = tps_sampling_grid(
+        *random_tps(key_t, scale, scale_var, tps, off, rot), *canvas, grid=grid
     )
-    i2_padded = warp(i1_padded, grid, padding, cval)
+    i2_padded = _warp_canvas(i1_padded, t_grid, padding, cval, outside)
     crop = lambda x: x[p : p + height, p : p + width]
-    return crop(i1_padded), crop(i2_padded), grid
+    return crop(i1_padded), crop(i2_padded), t_grid
