@@ -387,3 +387,27 @@ def test_converted_run_goes_through_evaluate_detect_export_and_training(tmp_path
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert checkpointing.saved_steps(workdir)[-1] == 2
+
+
+def test_landmark_model_converts_without_training_files_and_regressor_choice(tmp_path):
+    from tusk_jax import datasets
+
+    # A perceptual-loss config needs no VGG16 file to convert (only to train).
+    config = celeba.get_config()
+    with config.unlocked():
+        config.model.num_prototypes, config.model.window = 10, 13  # The MNIST fixture's.
+    workdir = str(tmp_path / "celeba")
+    convert_release.convert(fixture("mnist_models"), config, workdir)
+    celeba_info, mnist_info = datasets.get_info("celeba_wild"), datasets.get_info("mnist_hard")
+    assert release_files.regressor_weights(workdir, celeba_info, None) is None  # None stored.
+    with pytest.raises(FileNotFoundError, match="--regressor=release.*no release_regressor"):
+        release_files.regressor_weights(workdir, celeba_info, "release")
+    weights = np.arange(12.0).reshape(4, 3)
+    np.savez(os.path.join(workdir, release_files.REGRESSOR_FILE), weight=weights)
+    np.testing.assert_array_equal(
+        release_files.regressor_weights(workdir, celeba_info, None), weights
+    )
+    assert release_files.regressor_weights(workdir, celeba_info, "fit") is None
+    with pytest.raises(ValueError, match="for landmark datasets"):
+        release_files.regressor_weights(workdir, mnist_info, "release")
+    assert release_files.regressor_weights(workdir, mnist_info, None) is None

@@ -107,7 +107,9 @@ def _fail(field: str, message: str) -> None:
     raise ConfigError(f"config {field}: {message}")
 
 
-def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+def validate_config(
+    config: ml_collections.ConfigDict, device_count: int | None = None, training: bool = True
+) -> None:
     """Raises `ConfigError` naming the first invalid field of a training config.
 
     The one place of every check that spans fields (image size vs depth, window
@@ -116,12 +118,17 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     Args:
       config: the whole config (configs/base.py layout).
       device_count: devices sharing the global batch; default: every process's.
+      training: False for a run written but not trained here (the authors'
+        converted models): what only training needs (the VGG16 file of the
+        perceptual loss, a batch that splits over this machine's devices) is
+        not checked.
     """
     _check_dataset(config)
     _check_model(config)
-    _check_loss(config)
+    _check_loss(config, training)
     _check_tps(config.tps)
-    check_batch_split(config.train.batch_size, device_count)
+    if training:
+        check_batch_split(config.train.batch_size, device_count)
     _check_train(config)
     for field, valid in CHOICES.items():
         section, name = field.split(".")
@@ -200,9 +207,9 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _check_loss(config: ml_collections.ConfigDict) -> None:
+def _check_loss(config: ml_collections.ConfigDict, training: bool = True) -> None:
     loss = config.loss
-    if loss.recon == "perceptual" and not loss.vgg16_weights:
+    if training and loss.recon == "perceptual" and not loss.vgg16_weights:
         _fail(
             "loss.vgg16_weights",
             "loss.recon='perceptual' needs a VGG16 .npz (see python -m tusk_jax.convert_vgg16).",

@@ -119,7 +119,7 @@ def convert(
         before anything is written.
     """
     config, changes = release_config(config)
-    config_lib.validate_config(config)
+    config_lib.validate_config(config, training=False)
     _check_new_workdir(workdir)
     state_dict, prototypes, step = read_release_state(checkpoint)
     params = release_files.convert_state_dict(state_dict, prototypes, config)
