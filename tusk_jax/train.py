@@ -451,15 +451,25 @@ class _MetricLog:
 
 @contextlib.contextmanager
 def _finishing_saves(manager):
-    """Waits for the last asynchronous save and closes the manager; after a NaN, only waits.
+    """Waits for the last asynchronous save and closes the manager; after an error, only waits.
 
-    After a write error (disk full) nothing is waited for: the first error is
-    the one to report.
+    After an error (a NaN, an exception in the loop or the input thread) the
+    save in flight completes (at interpreter exit it would not: Python's
+    thread pools refuse new work then); on the command line this wait is
+    bounded by `process_exit.EXIT_GRACE_S`. After a write error (disk full)
+    nothing is waited for: the first error is the one to report.
     """
     try:
         yield manager
-    except NonFiniteError:
-        checkpointing.wait(manager)  # The last good checkpoint completes.
+    except BaseException as error:
+        # Not after a write error, nor a second Ctrl-C in a notebook (KeyboardInterrupt).
+        if isinstance(error, Exception) and not isinstance(
+            error, checkpointing.CheckpointWriteError | OSError
+        ):
+            try:
+                checkpointing.wait(manager)  # The last good checkpoint completes.
+            except Exception as wait_error:  # noqa: BLE001 - the first error is reported
+                logging.debug("Waiting for the last save after an error failed: %s", wait_error)
         raise
     checkpointing.wait(manager)
     manager.close()
