@@ -94,8 +94,19 @@ def wait(manager) -> None:
         raise
 
 
-def save(manager, step: int, state: Any, data_state: dict | None, force: bool = False) -> bool:
+def save(
+    manager,
+    step: int,
+    state: Any,
+    data_state: dict | None,
+    force: bool = False,
+    identity: dict | None = None,
+) -> bool:
     """Saves a host (unreplicated) state and the data position at `step`, with its checksum.
+
+    `identity` (`{"run_id", "config_sha256"}`, see `tusk_jax.run_identity`)
+    goes into the step's orbax metadata, so a copied step folder still says
+    which run it belongs to.
 
     The previous asynchronous save is waited for first, so its errors surface
     here. The checksum file is written (atomically, by process 0) before orbax
@@ -117,7 +128,7 @@ def save(manager, step: int, state: Any, data_state: dict | None, force: bool = 
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})
         )
-        return manager.save(int(step), args=args, force=force)
+        return manager.save(int(step), args=args, force=force, custom_metadata=identity)
     except Exception as error:  # noqa: BLE001
         raise_write_error(error, directory, f"the checkpoint of step {step}")
         raise
@@ -254,11 +265,15 @@ def restore(manager, template: Any, step: int | None = None) -> tuple[Any, dict,
     return state, data_state, step
 
 
-def restore_newest_intact(manager, template: Any, workdir: str) -> tuple[tuple | None, list]:
+def restore_newest_intact(
+    manager, template: Any, workdir: str, check_step: Any = None
+) -> tuple[tuple | None, list]:
     """Restores the newest step that reads back intact (see `restore`).
 
     Each corrupt step is logged (path and cause) and skipped; a step whose
-    arrays do not fit `template` stops the search (`check_state_matches`).
+    arrays do not fit `template` stops the search (`check_state_matches`),
+    and so does an error of `check_step(step)` (called before the step is
+    read, e.g. `run_identity.check_step`: a step of another run).
 
     Returns:
       `(restored, corrupt)`: `restore`'s tuple (None when there is no step)
@@ -272,6 +287,8 @@ def restore_newest_intact(manager, template: Any, workdir: str) -> tuple[tuple |
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             check_state_matches(manager, step, template, workdir)
+            if check_step is not None:
+                check_step(step)
             restored = restore(manager, template, step)
         except CorruptCheckpointError as error:
             logging.warning("%s", error)

@@ -22,6 +22,8 @@ import ml_collections
 from tusk_jax import datasets, distributed, models, ops, perceptual
 
 CONFIG_FILE = "config.json"
+# config.json's key for the run's identity (`tusk_jax.run_identity`); not a config field.
+RUN_KEY = "run_identity"
 # What trains the prototypes (`train.prototype_objective`): the method's L_sw,
 # or the k-means ablation of the paper's Table 6.
 PROTOTYPE_OBJECTIVES = ("sliced_wasserstein", "kmeans")
@@ -263,13 +265,35 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
         _fail("train.prefetch_to_device", f"must be an int >= 0, got {train.prefetch_to_device!r}.")
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes the resolved config to `<workdir>/config.json` (atomically)."""
+def save_config(
+    config: ml_collections.ConfigDict, workdir: str, identity: dict | None = None
+) -> None:
+    """Writes the resolved config to `<workdir>/config.json` (atomically).
+
+    The run's identity (`tusk_jax.run_identity`) is stored beside the config
+    under `RUN_KEY`: `identity` when given, else the one the file already has.
+    """
     path = os.path.join(workdir, CONFIG_FILE)
+    if identity is None:
+        identity = load_run_identity(workdir)
+    data = json.loads(config.to_json_best_effort())
+    if identity:
+        data[RUN_KEY] = identity
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        json.dump(data, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+def load_run_identity(workdir: str) -> dict | None:
+    """The run identity kept in `<workdir>/config.json` (`RUN_KEY`), or None."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            identity = json.load(f).get(RUN_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return identity if isinstance(identity, dict) else None
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -284,7 +308,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
             f"{path} not found: {workdir!r} is not a training workdir of tusk_jax.main."
         )
     with open(path) as f:
-        saved = ml_collections.ConfigDict(json.load(f))
+        data = json.load(f)
+    data.pop(RUN_KEY, None)
+    saved = ml_collections.ConfigDict(data)
     fill_legacy_values(saved)
     defaults = base_defaults()
     if defaults is None:
@@ -338,6 +364,11 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def flat_json(config: ml_collections.ConfigDict) -> dict:
+    """`{"section.field": value}` of the config as its JSON stores it."""
+    return _flat(json.loads(config.to_json_best_effort()))
+
+
 # Config fields that must agree between a given config and the run's saved one:
 # they decide the parameter shapes, the keypoint extraction or the image size
 # the network was trained at.
@@ -380,8 +411,7 @@ def config_changes(saved: ml_collections.ConfigDict, config: ml_collections.Conf
       from `RESUME_CHANGES` (MEANING when not listed); "<missing>" for a field
       one side lacks. Both configs are compared as their JSON would store them.
     """
-    old = _flat(json.loads(saved.to_json_best_effort()))
-    new = _flat(json.loads(config.to_json_best_effort()))
+    old, new = flat_json(saved), flat_json(config)
     missing = "<missing>"
     changes = []
     for field in sorted(set(old) | set(new)):

@@ -12,8 +12,13 @@ or with no extra flag inside a multi-task SLURM step / Open MPI job, or with
 from the environment). `tusk_jax.distributed` owns that start-up.
 
 Errors a user can fix (a config field, a refused config change, a folder that
-cannot be written, no intact checkpoint, a NaN) end the process with one line
-`tusk_jax.main: ...` and exit status 1, not a traceback. The console shows the
+cannot be written, a workdir another run is writing to, a checkpoint of
+another run, no intact checkpoint, a NaN) end the process with one line
+`tusk_jax.main: ...` and exit status 1, not a traceback; any other error
+exits with status 1 within `process_exit.EXIT_GRACE_S` s, whatever its
+background threads do. Exit status 0: finished, or stopped by SIGTERM /
+Ctrl-C (step saved, or nothing to save before the first step); 130: a second
+Ctrl-C (stopped at once without saving). The console shows the
 progress bar and tusk_jax's messages; the INFO lines of the libraries (orbax,
 JAX, ...) appear with `--verbosity=1`.
 """
@@ -58,6 +63,12 @@ flags.DEFINE_bool(
     "Resume a run with config values that change what it trains (window, K, image size, "
     "losses, data, ...); the changes are recorded in <workdir>/config_changes.jsonl. "
     "Changes of array shapes are refused regardless.",
+)
+flags.DEFINE_bool(
+    "adopt_checkpoint",
+    False,
+    "Resume from a checkpoint step saved by another run (a copied step folder, refused "
+    "otherwise); the adoption is recorded in <workdir>/config.json.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -148,8 +159,12 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
     try:
         _main(argv)
-    except KeyboardInterrupt:
-        sys.exit("tusk_jax.main: interrupted; the checkpoints saved are kept.")
+    except KeyboardInterrupt:  # Ctrl-C before the run's own signal handling started.
+        print("tusk_jax.main: interrupted; the checkpoints saved are kept.", file=sys.stderr)
+        sys.exit(130)
+    from tusk_jax import process_exit
+
+    process_exit.exit_within(0)  # A writer thread that never ends cannot keep the process.
 
 
 def _main(argv):
@@ -174,15 +189,22 @@ def _main(argv):
         logging.set_verbosity(logging.WARNING)
     logging.info("JAX %s", distributed.describe())
     logging.info("Config:\n%s", FLAGS.config)
-    from tusk_jax import checkpointing, train
+    from tusk_jax import checkpointing, train, workdir_lock
 
     try:
-        train.fit(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
+        train.fit(
+            FLAGS.config,
+            FLAGS.workdir,
+            FLAGS.allow_config_change,
+            adopt_checkpoint=FLAGS.adopt_checkpoint,
+            command_line=True,
+        )
     except (
         config_lib.ConfigError,
         checkpointing.CheckpointError,
         checkpointing.CheckpointMismatchError,
         train.NonFiniteError,
+        workdir_lock.WorkdirBusyError,
     ) as error:
         sys.exit(f"tusk_jax.main: {error}")
     except OSError as error:

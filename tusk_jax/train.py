@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,8 +30,11 @@ from tusk_jax import (
     input_pipeline,
     models,
     perceptual,
+    process_exit,
+    run_identity,
     summaries,
     visualization,
+    workdir_lock,
 )
 from tusk_jax import state as state_lib
 from tusk_jax import step as step_lib
@@ -66,19 +70,59 @@ def check_finite_arrays(step: int, tree: Any) -> None:
 
 
 class _StopRequest:
-    """Turns SIGTERM / SIGINT into a flag the loop checks (preemption)."""
+    """Turns SIGTERM / SIGINT into a flag the loop checks (preemption: save, then stop).
 
-    def __init__(self):
+    In a notebook or a test (`hard_exit=False`) a second Ctrl-C raises
+    KeyboardInterrupt. On the command line (`hard_exit=True`) the signals are
+    read by a thread that the C-level handler wakes (`signal.set_wakeup_fd`),
+    so they act even while the main thread is inside a compilation or a save
+    (Python runs its own handlers only between the main thread's bytecodes):
+
+    - a first SIGTERM / SIGINT before this process completed a step (one
+      process): nothing to save, the process ends at once, exit status 0;
+    - after that, the loop saves the step it is at and stops (exit status 0);
+    - a second Ctrl-C ends the process at once without saving, exit status
+      130 (`process_exit.exit_now`: no KeyboardInterrupt raised inside JAX,
+      no interpreter teardown).
+    """
+
+    BEFORE_FIRST_STEP = (
+        "tusk_jax.main: {name} received before the first step: nothing to save; stopped."
+    )
+    SECOND_CTRL_C = (
+        "tusk_jax.main: interrupted twice: stopped at once without saving this step; "
+        "the checkpoints saved are kept."
+    )
+
+    def __init__(self, hard_exit: bool = False):
         self.signal_name = None
+        self.stepped = False  # Set by the loop once this process dispatched a step.
+        self._hard_exit = hard_exit
+        self._single_process = True
         self._previous = {}
+        self._wakeup = None
+        self._lock = threading.Lock()
 
     def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        handler = self._handle
+        if self._hard_exit:
+            self._single_process = jax.process_count() == 1
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(write_fd, False)
+            self._wakeup = (signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False), write_fd)
+            threading.Thread(
+                target=self._watch, args=(read_fd,), name="tusk_jax-signals", daemon=True
+            ).start()
+            handler = self._ignore  # The watcher acts; the Python-level handler only wakes it.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, handler)
         return self
+
+    @staticmethod
+    def _ignore(signum, frame):
+        del signum, frame
 
     def _handle(self, signum, frame):
         del frame
@@ -86,14 +130,43 @@ class _StopRequest:
             raise KeyboardInterrupt  # A second Ctrl-C: stop now, without a checkpoint.
         self.signal_name = signal.Signals(signum).name
 
+    def _watch(self, read_fd: int) -> None:
+        """The command line's signal thread: reads signal numbers from the wake-up pipe."""
+        try:
+            while data := os.read(read_fd, 64):
+                for signum in data:
+                    if signum in (signal.SIGTERM, signal.SIGINT):
+                        self._react(signum)
+        finally:
+            os.close(read_fd)
+
+    def _react(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        with self._lock:
+            first = self.signal_name is None
+            if first:
+                self.signal_name = name
+        if first and not self.stepped and self._single_process:
+            process_exit.exit_now(0, self.BEFORE_FIRST_STEP.format(name=name))
+        if not first and signum == signal.SIGINT:
+            process_exit.exit_now(130, self.SECOND_CTRL_C)
+
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._wakeup is not None:
+            previous, write_fd = self._wakeup
+            signal.set_wakeup_fd(previous)
+            os.close(write_fd)  # The watcher reads end-of-file and stops.
         return False
 
 
 def fit(
-    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    allow_config_change: bool = False,
+    adopt_checkpoint: bool = False,
+    command_line: bool = False,
 ) -> state_lib.TrainState:
     """Trains (or resumes) a TUSK run in `workdir`; returns the final host state.
 
@@ -106,17 +179,33 @@ def fit(
     (`config_lib.check_resume_config`; changes of meaning need
     `allow_config_change` and are recorded in `config_changes.jsonl`).
 
+    One writer per workdir: the run holds `<workdir>/.tusk_jax.lock`
+    (`workdir_lock`, process 0) from before anything is written. Each saved
+    step carries the run's identity (`run_identity`); a step of another run
+    is refused unless `adopt_checkpoint` (recorded in config.json).
+    `command_line=True` (`python -m tusk_jax.main` only: it may end the
+    process) makes signals act at once where there is nothing to save
+    (`_StopRequest`) and an error end the process within
+    `process_exit.EXIT_GRACE_S` whatever its background threads do.
+
     Raises:
       config_lib.ConfigError: an invalid config, or a refused config change.
       checkpointing.CheckpointError: the workdir is not writable, a save
         failed (disk full, read-only), or no checkpoint is intact.
       NonFiniteError: a loss, gradient norm or parameter went NaN/Inf (names
         the step and the term).
+      workdir_lock.WorkdirBusyError: another live run holds the workdir.
+      run_identity.ForeignCheckpointError: the newest step belongs to another run.
     """
     with contextlib.ExitStack() as stack:
-        stop = stack.enter_context(_StopRequest())
-        run = _start(config, workdir, allow_config_change, stack)
-        return _loop(run, stop)
+        stop = stack.enter_context(_StopRequest(hard_exit=command_line))
+        try:
+            run = _start(config, workdir, allow_config_change, adopt_checkpoint, stack)
+            return _loop(run, stop)
+        except BaseException:
+            if command_line:  # Clean-up and the threads' joins get EXIT_GRACE_S, no more.
+                process_exit.exit_within(1)
+            raise
 
 
 train_and_evaluate = fit  # The former name (it never evaluated); main and notebooks used it.
@@ -141,14 +230,13 @@ class _Run:
     vgg_params: Any
     replicated: state_lib.TrainState
     start_step: int
+    identity: dict  # Saved with every step (`run_identity.step_metadata`).
 
 
 def _prepare_workdir(
     config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
 ) -> list:
     """Checks the config against a run to resume, then that the folders are writable."""
-    if not workdir or not str(workdir).strip():
-        raise config_lib.ConfigError("--workdir is empty: name the run's folder.")
     changes = []
     if checkpointing.saved_steps(workdir):
         changes = config_lib.check_resume_config(config, workdir, allow_config_change)
@@ -157,24 +245,54 @@ def _prepare_workdir(
     return changes
 
 
-def _start(config, workdir, allow_config_change, stack: contextlib.ExitStack) -> _Run:
+def _lock_workdir(workdir: str, stack: contextlib.ExitStack) -> None:
+    """Process 0 takes the workdir's lock (held until `stack` closes); all learn the outcome."""
+    error = None
+    if jax.process_index() == 0:
+        try:
+            stack.enter_context(workdir_lock.WorkdirLock(workdir))
+        except Exception as exc:  # noqa: BLE001 - busy or unwritable: every process stops
+            error = exc
+    if jax.process_count() > 1:
+        failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+        if failed and error is None:
+            error = workdir_lock.WorkdirBusyError(
+                f"process 0 could not lock {workdir} (see its message); nothing was written."
+            )
+    if error is not None:
+        raise error
+
+
+def _start(
+    config, workdir, allow_config_change, adopt_checkpoint, stack: contextlib.ExitStack
+) -> _Run:
     """Validates, restores (or initialises) the run and opens what the loop writes to."""
     config_lib.validate_config(config)
+    if not workdir or not str(workdir).strip():
+        raise config_lib.ConfigError("--workdir is empty: name the run's folder.")
+    _lock_workdir(workdir, stack)  # Before anything is written to the workdir.
     changes = _prepare_workdir(config, workdir, allow_config_change)
     workdir = os.path.abspath(workdir)
+    identity = run_identity.for_run(workdir)
     model = models.create_model(config)
     state = state_lib.create_train_state(config, model)
     manager = checkpointing.create_manager(workdir, config.train.max_to_keep)
     stack.enter_context(_finishing_saves(manager))
     train_iter = input_pipeline.create_train_iterator(config)
     stack.callback(train_iter.close)
-    state, restored = _restore(manager, train_iter, state, workdir)
+
+    def check_step(step):
+        return run_identity.check_step(manager, step, identity, config, adopt_checkpoint)
+
+    state, restored = _restore(
+        manager, train_iter, state, workdir, check_step, allow_config_change or adopt_checkpoint
+    )
     if config.train.prefetch_to_device:
         train_iter = input_pipeline.DevicePrefetcher(train_iter, config.train.prefetch_to_device)
         stack.callback(train_iter.close)
     if jax.process_index() == 0:
         # Written only now: a refused config or an unreadable run leaves the old one.
-        config_lib.save_config(config, workdir)
+        config_lib.save_config(config, workdir, identity=identity)
         if restored and changes:
             config_lib.record_config_changes(workdir, int(state.step), changes)
             logging.warning(
@@ -195,12 +313,22 @@ def _start(config, workdir, allow_config_change, stack: contextlib.ExitStack) ->
         vgg_params=vgg_params,
         replicated=state_lib.replicate(state),
         start_step=int(state.step),
+        identity=run_identity.step_metadata(identity, config),
     )
 
 
-def _restore(manager, train_iter, state, workdir: str) -> tuple[state_lib.TrainState, bool]:
-    """`state` with the newest intact checkpoint's arrays (and the input position) if any."""
-    restored, corrupt = checkpointing.restore_newest_intact(manager, jax.device_get(state), workdir)
+def _restore(
+    manager, train_iter, state, workdir: str, check_step=None, allow_new_data_order=False
+) -> tuple[state_lib.TrainState, bool]:
+    """`state` with the newest intact checkpoint's arrays (and the input position) if any.
+
+    A data position saved with another seed or split size (a changed config
+    allowed by `allow_new_data_order`, or an adopted step) continues at the
+    same step in this config's data order; otherwise it is a `ConfigError`.
+    """
+    restored, corrupt = checkpointing.restore_newest_intact(
+        manager, jax.device_get(state), workdir, check_step
+    )
     if corrupt:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("tusk_jax: corrupt checkpoints read")
@@ -212,7 +340,22 @@ def _restore(manager, train_iter, state, workdir: str) -> tuple[state_lib.TrainS
         return state, False
     host_state, data_state, restored_step = restored
     state = state.replace(**{f: getattr(host_state, f) for f in _PYTREE_FIELDS})
-    train_iter.set_state(data_state)
+    try:
+        train_iter.set_state(data_state)
+    except ValueError as error:
+        if not allow_new_data_order:
+            raise config_lib.ConfigError(
+                f"checkpoint step {restored_step} in {workdir} was saved with another data "
+                f"order ({error}): it comes from another run or config. Move it away, or pass "
+                "--adopt_checkpoint to go on from it with this config's data order."
+            ) from None
+        logging.warning(
+            "The data position of step %d does not fit this config (%s): the input goes on "
+            "at that step in this config's data order.",
+            restored_step,
+            error,
+        )
+        train_iter.set_state({"step": int(data_state.get("step", restored_step))})
     logging.info("Resumed from the checkpoint of step %d in %s.", restored_step, workdir)
     return state, True
 
@@ -238,6 +381,7 @@ def _loop(run: _Run, stop: "_StopRequest") -> state_lib.TrainState:
         while step < num_steps and not stopping:
             batch = next(run.train_iter)
             replicated, device_metrics = run.p_train_step(replicated, batch, run.vgg_params)
+            stop.stepped = True  # From now on a signal saves this step before stopping.
             step += 1
             if pending is not None:  # fetched one step late, not to stall dispatch
                 log.add(*pending)
@@ -272,7 +416,8 @@ def _loop(run: _Run, stop: "_StopRequest") -> state_lib.TrainState:
 
 def _save(run: _Run, replicated, step: int, force: bool = False) -> None:
     host_state = state_lib.unreplicate(replicated)
-    checkpointing.save(run.manager, step, host_state, run.train_iter.get_state(), force=force)
+    data_state = run.train_iter.get_state()
+    checkpointing.save(run.manager, step, host_state, data_state, force, run.identity)
 
 
 class _MetricLog:
@@ -306,15 +451,25 @@ class _MetricLog:
 
 @contextlib.contextmanager
 def _finishing_saves(manager):
-    """Waits for the last asynchronous save and closes the manager; after a NaN, only waits.
+    """Waits for the last asynchronous save and closes the manager; after an error, only waits.
 
-    After a write error (disk full) nothing is waited for: the first error is
-    the one to report.
+    After an error (a NaN, an exception in the loop or the input thread) the
+    save in flight completes (at interpreter exit it would not: Python's
+    thread pools refuse new work then); on the command line this wait is
+    bounded by `process_exit.EXIT_GRACE_S`. After a write error (disk full)
+    nothing is waited for: the first error is the one to report.
     """
     try:
         yield manager
-    except NonFiniteError:
-        checkpointing.wait(manager)  # The last good checkpoint completes.
+    except BaseException as error:
+        # Not after a write error, nor a second Ctrl-C in a notebook (KeyboardInterrupt).
+        if isinstance(error, Exception) and not isinstance(
+            error, checkpointing.CheckpointWriteError | OSError
+        ):
+            try:
+                checkpointing.wait(manager)  # The last good checkpoint completes.
+            except Exception as wait_error:  # noqa: BLE001 - the first error is reported
+                logging.debug("Waiting for the last save after an error failed: %s", wait_error)
         raise
     checkpointing.wait(manager)
     manager.close()
