@@ -104,6 +104,7 @@ def test_converted_workdir_is_an_ordinary_run(converted):
     assert model["descriptor_sampling"] == "nearest"
     assert model["num_groups"] == model["base_width"] == 32
     assert model["decoder_mode"] == ("alpha" if name == "tet" else "plain")
+    assert saved["run_identity"]["run_id"]  # A run of its own, which `main` resumes.
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[:2] == ["0", "0.sha256.json"]
     with open(os.path.join(workdir, convert_release.CONVERSION_FILE)) as f:
         provenance = json.load(f)

@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tusk_jax import checkpointing, config_lib, release_files, torch_files
+from tusk_jax import checkpointing, config_lib, release_files, run_identity, torch_files
 from tusk_jax import state as state_lib
 from tusk_jax.release_files import (  # noqa: F401 - part of this module's API
     REGRESSOR_FILE,
@@ -161,18 +161,20 @@ def _write(workdir, config, params, prototypes, step, regressor) -> None:
         prototype_opt_state=jax.device_get(prototype_tx.init(prototypes)),
         rng=np.asarray(jax.random.split(jax.random.PRNGKey(config.seed), 3)[2]),
     )
+    # config.json with a new run identity first; the step carries the identity.
+    identity = run_identity.write_run_identity(workdir, config)
     manager = checkpointing.create_manager(workdir, config.train.max_to_keep, use_async=False)
     try:
-        checkpointing.save(manager, step, state, {"step": step, "seed": int(config.seed)})
+        data_state = {"step": step, "seed": int(config.seed)}
+        checkpointing.save(manager, step, state, data_state, identity=identity)
         checkpointing.wait(manager)
     finally:
         manager.close()
     if regressor is not None:
-        path = os.path.join(workdir, REGRESSOR_FILE)
+        path = os.path.join(workdir, release_files.REGRESSOR_FILE)
         with open(path + ".tmp", "wb") as f:
             np.savez(f, weight=regressor)
         os.replace(path + ".tmp", path)
-    config_lib.save_config(config, workdir)
 
 
 def _write_provenance(workdir, checkpoint, linear_projection, changes, step) -> None:
