@@ -29,6 +29,7 @@ from tusk_jax import (
     input_pipeline,
     models,
     perceptual,
+    progress,
     summaries,
     visualization,
 )
@@ -242,7 +243,10 @@ def _loop(run: _Run, stop: "_StopRequest") -> state_lib.TrainState:
             if pending is not None:  # fetched one step late, not to stall dispatch
                 log.add(*pending)
             pending = (step, device_metrics)
-            bar.update(1)
+            if step == run.start_step + 1:  # It compiled: left out of the rate and ETA.
+                progress.restart_clock(bar, step)
+            else:
+                bar.update(1)
             # A NaN is reported before the figures read the step or a checkpoint keeps it.
             if every(step, train.image_every, num_steps, True):
                 log.add(*pending)
