@@ -9,8 +9,10 @@ checkpointed, the figures were displayed, the metric table was printed, and
 more keypoints than trained were found on the tiled image.
 """
 
+import importlib
 import os
 import pathlib
+import re
 import shutil
 import sys
 
@@ -76,6 +78,63 @@ def test_notebooks_are_committed_without_outputs_and_link_to_colab(name):
     assert "colab.research.google.com/github/" in notebook.cells[0].source
     assert f"/blob/main/colabs/{name}" in notebook.cells[0].source
     assert notebook.metadata.kernelspec.name == "python3"
+
+
+def prose_of(notebook) -> str:
+    """The notebook's words: its markdown, and its code comments joined into sentences."""
+    parts = []
+    for cell in notebook.cells:
+        if cell.cell_type == "markdown":
+            parts.append(cell.source)
+        elif cell.cell_type == "code":
+            lines = cell.source.splitlines()
+            parts.append(" ".join(line.split("#", 1)[1].strip() for line in lines if "#" in line))
+    return "\n\n".join(parts)
+
+
+# "<dataset>:<variant> ... N steps" within one sentence (no period between); a bare
+# ":cpu" is the notebook's own config (its TUSK_CONFIG default).
+STEP_CLAIM = re.compile(r"(?:\b([a-z0-9_]+))?:(cpu|test)\b`?[^.]*?\b(\d[\d,_]*)\s+steps\b")
+
+
+def step_claims(text: str, default_dataset: str | None = None) -> list[tuple[str, str, int]]:
+    """`(dataset, variant, steps)` of each sentence naming a config and a step count."""
+    return [
+        (m[1] or default_dataset, m[2], int(m[3].replace(",", "").replace("_", "")))
+        for m in STEP_CLAIM.finditer(text)
+    ]
+
+
+def test_step_claim_parser_reads_sentences():
+    text = "The tetrominoes:cpu config's full run is 2000 steps. Then 5 steps."
+    assert step_claims(text) == [("tetrominoes", "cpu", 2000)]
+    assert step_claims("`clevr6:cpu` trains 3,000 steps") == [("clevr6", "cpu", 3000)]
+    assert step_claims("The `:cpu` run is 3000 steps", "mnist_hard") == [
+        ("mnist_hard", "cpu", 3000)
+    ]
+    assert step_claims("tetrominoes:cpu takes an hour. It has 300 steps.") == []
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_step_counts_in_the_notebooks_equal_the_configs(name):
+    """A number of steps a notebook quotes for a config is that config's train.num_steps."""
+    notebook = nbformat.read(COLABS / name, as_version=4)
+    own = re.search(r'"TUSK_CONFIG", "([a-z0-9_]+):', "".join(c.source for c in notebook.cells))
+    claims = step_claims(prose_of(notebook), own and own[1])
+    if name == "quickstart.ipynb":
+        assert claims, "the quickstart quotes the :cpu run's steps; the parser found none"
+    for dataset, variant, steps in claims:
+        assert dataset, f"{name}: a step count for :{variant} without a config to check it against"
+        config = importlib.import_module(f"configs.{dataset}").get_config(variant)
+        assert steps == config.train.num_steps, (name, f"{dataset}:{variant}", steps)
+
+
+def test_quickstart_default_steps_are_the_ones_quoted():
+    """The quickstart's default NUM_STEPS is the count its comment and colabs/README.md quote."""
+    source = cell_with(nbformat.read(COLABS / "quickstart.ipynb", as_version=4), "NUM_STEPS =")
+    default = re.search(r'"TUSK_NUM_STEPS", "(\d+)"', source.source)[1]
+    assert f"# {default} steps:" in source.source
+    assert f"({default} steps," in (COLABS / "README.md").read_text()
 
 
 @pytest.mark.slow

@@ -326,6 +326,28 @@ def test_detect_exported_writes_the_json_of_detect_workdir(run, folder, scenes, 
                 [k[key] for k in by_run["keypoints"]],
                 atol=1e-4,
             )
+    # detect --exported into the folder of detect --workdir: refused, nothing replaced.
+    run_output = tmp_path / "by_run"
+    before = {p.name: p.read_bytes() for p in run_output.iterdir()}
+    with pytest.raises(SystemExit) as refused:
+        run_command(detect, f"--exported={folder}", f"--input={photos}", f"--output={run_output}")
+    assert str(refused.value) == (
+        f"error: {run_output} holds the detections of step 4 of {os.path.abspath(workdir)}, not of "
+        f"the export {os.path.abspath(folder)} (step 4 of {os.path.abspath(workdir)}); "
+        "pass --overwrite to replace them, or choose another --output."
+    )
+    assert {p.name: p.read_bytes() for p in run_output.iterdir()} == before
+    # The same model again is no conflict; --overwrite replaces another's.
+    run_command(detect, f"--workdir={workdir}", f"--input={photos}", f"--output={run_output}")
+    run_command(
+        detect, f"--exported={folder}", f"--input={photos}", f"--output={run_output}", "--overwrite"
+    )
+    with open(run_output / "summary.json") as f:
+        assert json.load(f)["source"] == {
+            "workdir": os.path.abspath(workdir),
+            "exported": os.path.abspath(folder),
+            "step": 4,
+        }
     with pytest.raises(app.UsageError, match="one of --workdir or --exported"):
         run_command(
             detect,

@@ -30,10 +30,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from tusk_jax import checkpointing, config_lib, release_files, run_identity, torch_files
+from tusk_jax import checkpointing, cli, config_lib, release_files, run_identity, torch_files
 from tusk_jax import state as state_lib
 from tusk_jax.release_files import (  # noqa: F401 - part of this module's API
     REGRESSOR_FILE,
@@ -249,9 +249,7 @@ def run(flag_values: flags.FlagValues) -> dict[str, Any]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     run(flags.FLAGS)
 
 

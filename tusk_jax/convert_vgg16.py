@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from tusk_jax import perceptual
+from tusk_jax import cli, perceptual
 
 # torchvision `vgg16().features` indices of the conv layers up to relu4_3.
 TORCHVISION_FEATURE_INDEX = {
@@ -194,8 +194,7 @@ def convert(source: str, output: str) -> dict[str, np.ndarray]:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.start(argv)
     convert(flags.FLAGS.source, flags.FLAGS.output)
 
 

@@ -18,7 +18,9 @@ section 1), and `<output>/<name>.png`, the image the network saw (w x h)
 with a disc per keypoint coloured by prototype. Two inputs with the same
 name (also differing only in case) get `<name>_2`, ...; `<output>/summary.json`
 lists what was written and what was skipped, and is written even when the
-batch is interrupted; an input named `summary.*` gets `summary_2.*`.
+batch is interrupted; an input named `summary.*` gets `summary_2.*`. Its
+`source` names the model (`workdir`, `exported`, `step`): a folder that
+holds another model's detections is refused unless `--overwrite`.
 
 Pixel values are scaled by the file's bit depth: 8-bit as they are, 16-bit
 PNG/TIFF by 65535 (other integer depths by theirs), float TIFF in [0, 1] by
@@ -45,7 +47,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from tusk_jax import detection_io, exported, image_files, inference, visualization
+from tusk_jax import cli, detection_io, exported, image_files, inference, visualization
 
 # Output stems kept for the command's own files: an input `summary.png` writes
 # `summary_2.json` / `summary_2.png`, never over `summary.json`.
@@ -189,11 +191,55 @@ def _detect_chunk(detector, chunk, k, min_confidence, fail) -> list:
         return results
 
 
+SUMMARY_FILE = "summary.json"
+
+
+def source_of(detector: inference.Detector | exported.ExportedDetector) -> dict:
+    """What made the detections: `{"workdir", "exported", "step"}` (absolute paths or None)."""
+    folder = detector.directory if isinstance(detector, exported.ExportedDetector) else None
+    return {
+        "workdir": detector.workdir and os.path.abspath(detector.workdir),
+        "exported": folder and os.path.abspath(folder),
+        "step": detector.step,
+    }
+
+
+def _describe(source: dict | None) -> str:
+    if not isinstance(source, dict):
+        return "a model its summary.json does not name (an older tusk_jax.detect)"
+    run = f"step {source.get('step')} of {source.get('workdir') or 'an unsaved run'}"
+    if source.get("exported"):
+        return f"the export {source['exported']} ({run})"
+    return run
+
+
+def check_output_dir(output_dir: str, source: dict, overwrite: bool = False) -> None:
+    """Raises ValueError if `output_dir` holds the detections of another model than `source`.
+
+    The model of earlier detections is the `source` of `<output_dir>/summary.json`;
+    a folder without one, or `overwrite`, passes.
+    """
+    path = os.path.join(output_dir, SUMMARY_FILE)
+    if overwrite or not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            earlier = json.load(f).get("source")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if earlier != source:
+        raise ValueError(
+            f"{output_dir} holds the detections of {_describe(earlier)}, not of "
+            f"{_describe(source)}; pass --overwrite to replace them, or choose another --output."
+        )
+
+
 def detect_files(
     detector: inference.Detector | exported.ExportedDetector,
     paths: Sequence[str],
     output_dir: str,
     *,
+    overwrite: bool = False,
     num_keypoints: int | None = None,
     min_confidence: float = 0.0,
     scale: float = 1.0,
@@ -213,11 +259,15 @@ def detect_files(
       num_keypoints, min_confidence: see `inference.Detector.detect`.
       scale, max_pixels, max_file_pixels: see `image_files.read_image`.
       chunk_size: files read and detected together.
+      overwrite: replace the detections of another model in `output_dir`
+        (else ValueError, see `check_output_dir`).
 
     Returns:
-      `{"written": [{file, json, png, num_keypoints}], "failed": {path: reason}}`,
-      also written to `<output_dir>/summary.json`.
+      `{"source": source_of(detector), "written": [{file, json, png, num_keypoints}],
+      "failed": {path: reason}}`, also written to `<output_dir>/summary.json`.
     """
+    source = source_of(detector)
+    check_output_dir(output_dir, source, overwrite)
     os.makedirs(output_dir, exist_ok=True)
     inputs = {os.path.abspath(p) for p in paths}
     written, failed = [], {}
@@ -266,8 +316,8 @@ def detect_files(
                     {"file": path, "json": json_path, "png": png_path, "num_keypoints": len(found)}
                 )
     finally:
-        summary = {"written": written, "failed": failed}
-        _write_json(os.path.join(output_dir, "summary.json"), summary)
+        summary = {"source": source, "written": written, "failed": failed}
+        _write_json(os.path.join(output_dir, SUMMARY_FILE), summary)
     return summary
 
 
@@ -297,6 +347,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     )
     flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.", **fv)
     flags.DEFINE_integer("batch_size", 16, "Images per network call.", **fv)
+    flags.DEFINE_bool(
+        "overwrite",
+        False,
+        "Replace the detections of another model (workdir, export or step) in --output.",
+        **fv,
+    )
 
 
 def run(flag_values: flags.FlagValues) -> dict:
@@ -332,6 +388,7 @@ def run(flag_values: flags.FlagValues) -> dict:
             min_confidence=flag_values.min_confidence,
             scale=flag_values.scale,
             max_pixels=flag_values.max_pixels,
+            overwrite=flag_values.overwrite,
         )
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
@@ -347,8 +404,7 @@ def run(flag_values: flags.FlagValues) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.start(argv)
     run(flags.FLAGS)
 
 

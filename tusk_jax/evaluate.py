@@ -31,6 +31,7 @@ from tqdm import tqdm
 from tusk_jax import (
     charts,
     checkpointing,
+    cli,
     config_lib,
     datasets,
     eval_table,
@@ -193,7 +194,7 @@ def prepare_config(
         config.dataset.num_objects = int(num_objects)
         if info.generator_source is not None:
             config.dataset.source = info.generator_source
-        if not datasets.get_builder(config).is_prepared():
+        if not datasets.is_prepared(datasets.get_builder(config)):
             config.dataset.num_train = EVAL_ONLY_NUM_TRAIN
     return config
 
@@ -483,8 +484,7 @@ def run(flag_values: flags.FlagValues) -> dict[str, Any]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.start(argv)
     run(flags.FLAGS)
 
 

@@ -32,7 +32,7 @@ from absl import app, flags
 from jax import export as jax_export
 
 import tusk_jax
-from tusk_jax import exported, inference
+from tusk_jax import cli, exported, inference
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -154,8 +154,7 @@ def run(flag_values: flags.FlagValues) -> dict[str, Any]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.start(argv)
     run(flags.FLAGS)
 
 

@@ -26,7 +26,7 @@ from absl import app, flags, logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tusk_jax import checkpointing, datasets, evaluate, inference, input_pipeline, summaries
+from tusk_jax import checkpointing, cli, datasets, evaluate, inference, input_pipeline, summaries
 
 CURVE_FILE = "learning_curve.json"
 PLOT_FILE = "learning_curve.png"
@@ -489,8 +489,7 @@ def run(flag_values: flags.FlagValues) -> list[list[dict[str, Any]]]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.start(argv)
     run(flags.FLAGS)
 
 

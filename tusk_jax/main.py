@@ -24,16 +24,13 @@ JAX, ...) appear with `--verbosity=1`.
 """
 
 import errno
-import logging as python_logging
-import os
 import sys
-import threading
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tusk_jax import distributed
+from tusk_jax import cli, distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -72,66 +69,6 @@ flags.DEFINE_bool(
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-class _ProjectInfoOnly(python_logging.Filter):
-    """Lets through tusk_jax's lines and the warnings of other libraries.
-
-    Orbax's own error reports are left out too: tusk_jax turns a failed save
-    into one `CheckpointWriteError` (they are shown with --verbosity=1).
-    """
-
-    def filter(self, record: python_logging.LogRecord) -> bool:
-        if record.pathname.startswith(_PACKAGE_DIR):
-            return True
-        if f"{os.sep}orbax{os.sep}" in record.pathname:
-            return record.levelno >= python_logging.CRITICAL
-        return record.levelno >= python_logging.WARNING
-
-
-def _is_write_error(error: BaseException | None) -> bool:
-    return isinstance(error, OSError) and error.errno in (
-        errno.ENOSPC,
-        errno.EDQUOT,
-        errno.EACCES,
-        errno.EPERM,
-        errno.EROFS,
-    )
-
-
-def quiet_library_logs() -> None:
-    """Hides the INFO lines of orbax, JAX and other libraries (shown with --verbosity=1).
-
-    Also keeps the background threads of the writers (TensorBoard, orbax)
-    from printing a traceback each for a full or read-only disk: the main
-    thread reports that once.
-    """
-    if FLAGS.verbosity >= 1:
-        return
-    logging.get_absl_handler().addFilter(_ProjectInfoOnly())
-    thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
-
-    def quiet_thread_hook(args):
-        if _is_write_error(args.exc_value):
-            logging.debug("Write error in thread %s: %s", args.thread, args.exc_value)
-        else:
-            thread_hook(args)
-
-    def quiet_unraisable_hook(args):
-        value = args.exc_value
-        # Also the callbacks of tensorstore reads/writes still pending when a
-        # failed save or restore closed orbax's event loop: one traceback each.
-        if _is_write_error(value) or (
-            isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
-        ):
-            logging.debug("Ignored in %s: %s", args.object, value)
-        else:
-            unraisable_hook(args)
-
-    threading.excepthook = quiet_thread_hook
-    sys.unraisablehook = quiet_unraisable_hook
-
 
 def _unknown_field(error: Exception, argv: list[str]) -> str:
     """A one-line message for an override of a config field that does not exist."""
@@ -168,11 +105,9 @@ def main(argv):
 
 
 def _main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.start(argv)
     if not FLAGS.workdir.strip():
         sys.exit("tusk_jax.main: --workdir is empty: name the run's folder (created if needed).")
-    quiet_library_logs()
     try:
         distributed.initialize(
             FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
@@ -188,11 +123,11 @@ def _main(argv):
         # Logs from process 0 only (warnings and errors from every process).
         logging.set_verbosity(logging.WARNING)
     logging.info("JAX %s", distributed.describe())
-    logging.info("Config:\n%s", FLAGS.config)
+    logging.info("%s", cli.config_summary(FLAGS.config, FLAGS.workdir))
     from tusk_jax import checkpointing, train, workdir_lock
 
     try:
-        train.fit(
+        state = train.fit(
             FLAGS.config,
             FLAGS.workdir,
             FLAGS.allow_config_change,
@@ -214,6 +149,8 @@ def _main(argv):
             f"tusk_jax.main: cannot write {error.filename or FLAGS.workdir}: {error.strerror} "
             f"({errno.errorcode.get(error.errno, error.errno)})."
         )
+    if jax.process_index() == 0 and int(state.step) >= FLAGS.config.train.num_steps:
+        print(cli.finished_line(FLAGS.workdir, int(state.step)))
 
 
 if __name__ == "__main__":

@@ -70,6 +70,16 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     return get_module(config.dataset.name).make_builder(config)
 
 
+def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+    """`builder.is_prepared()`, without tfds's warning "... has no dataset_info.json".
+
+    tfds logs that warning for a folder not prepared yet (even a missing one),
+    every time it is asked; a dataset about to be prepared is no news.
+    """
+    info_file = os.path.join(os.fspath(builder.data_path), "dataset_info.json")
+    return os.path.exists(info_file) and builder.is_prepared()
+
+
 def prepare_dataset(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """Returns the builder for `config`, generating the dataset first if it is missing.
 
@@ -84,7 +94,7 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
     that waited finds the dataset prepared.
     """
     builder = get_builder(config)
-    if builder.is_prepared():
+    if is_prepared(builder):
         logging.info("Dataset %s found in %s.", config.dataset.name, builder.data_dir)
         return builder
     config_dir = os.fspath(builder.data_path.parent)  # <data_dir>/<builder>/<config>
@@ -92,7 +102,7 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
     with open(os.path.join(config_dir, ".prepare.lock"), "w") as lock:
         locked = _lock(lock, config_dir)
         if locked:
-            if builder.is_prepared():  # By another process, while this one waited.
+            if is_prepared(builder):  # By another process, while this one waited.
                 logging.info(
                     "Dataset %s prepared meanwhile in %s.", config.dataset.name, config_dir
                 )

@@ -24,7 +24,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tusk_jax import datasets
+from tusk_jax import cli, datasets
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Optional config file (configs/*.py).")
 _DATASET = flags.DEFINE_enum("dataset", None, list(datasets.names()), "Dataset name.")
@@ -92,8 +92,7 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> ml_collect
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.start(argv)
     config = config_from_flags()
     start = time.time()
     try:

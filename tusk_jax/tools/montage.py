@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image, ImageDraw
 
-from tusk_jax import input_pipeline
+from tusk_jax import cli, input_pipeline
 from tusk_jax.datasets import prepare
 
 _OUTPUT = flags.DEFINE_string("output", None, "PNG file to write.", required=True)
@@ -85,8 +85,7 @@ def render(batch: dict[str, np.ndarray], count: int, scale: int = 1) -> Image.Im
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.start(argv)
     config = prepare.config_from_flags()
     batch = next(input_pipeline.create_eval_iterator(config, _SPLIT.value, _NUM.value))
     count = int(batch["valid"].sum())
