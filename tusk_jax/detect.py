@@ -234,6 +234,22 @@ def check_output_dir(output_dir: str, source: dict, overwrite: bool = False) -> 
         )
 
 
+def _settings(detector, num_keypoints, min_confidence, scale, max_pixels) -> dict:
+    """The checked detection settings each JSON records (ValueError on a bad one)."""
+    k = detector.resolve_num_keypoints(num_keypoints)
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale!r}.")
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels!r}.")
+    return {
+        "workdir": detector.workdir and os.path.abspath(detector.workdir),
+        "step": detector.step,
+        "num_keypoints": k,
+        "min_confidence": float(min_confidence),
+        "scale": float(scale),
+    }
+
+
 def detect_files(
     detector: inference.Detector | exported.ExportedDetector,
     paths: Sequence[str],
@@ -272,19 +288,8 @@ def detect_files(
     inputs = {os.path.abspath(p) for p in paths}
     written, failed = [], {}
     stems = output_stems(paths)
-    k = detector.resolve_num_keypoints(num_keypoints)
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale!r}.")
-    if max_pixels is not None and max_pixels < 1:
-        raise ValueError(f"max_pixels must be >= 1, got {max_pixels!r}.")
-
-    settings = {
-        "workdir": detector.workdir and os.path.abspath(detector.workdir),
-        "step": detector.step,
-        "num_keypoints": k,
-        "min_confidence": float(min_confidence),
-        "scale": float(scale),
-    }
+    settings = _settings(detector, num_keypoints, min_confidence, scale, max_pixels)
+    k = settings["num_keypoints"]
 
     def fail(path: str, reason: str) -> None:
         failed[path] = reason
