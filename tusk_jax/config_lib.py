@@ -10,7 +10,6 @@ field), and `record_config_changes` keeps the accepted changes in
 `<workdir>/config_changes.jsonl`.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -20,6 +19,7 @@ import jax
 import ml_collections
 
 from tusk_jax import datasets, distributed, models, ops, perceptual
+from tusk_jax.configs import base
 
 CONFIG_FILE = "config.json"
 # What trains the prototypes (`train.prototype_objective`): the method's L_sw,
@@ -114,7 +114,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     and K; decoder vs task; batch vs devices; ...).
 
     Args:
-      config: the whole config (configs/base.py layout).
+      config: the whole config (tusk_jax/configs/base.py layout).
       device_count: devices sharing the global batch; default: every process's.
     """
     _check_dataset(config)
@@ -269,7 +269,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run in `workdir` was trained with (see `save_config`).
 
     Fields an old run's file lacks get the value it was trained with
-    (`LEGACY_VALUES`), else the base default (`configs/base.py`).
+    (`LEGACY_VALUES`), else the base default (`tusk_jax/configs/base.py`).
     """
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
@@ -279,23 +279,15 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     with open(path) as f:
         saved = ml_collections.ConfigDict(json.load(f))
     fill_legacy_values(saved)
-    defaults = base_defaults()
-    if defaults is None:
-        return saved
-    return ml_collections.ConfigDict(_merged(defaults.to_dict(), saved.to_dict()))
+    return ml_collections.ConfigDict(_merged(base_defaults().to_dict(), saved.to_dict()))
 
 
-def base_defaults() -> ml_collections.ConfigDict | None:
-    """`configs/base.py`'s `get_base_config()`; None where the repository's configs/ is absent."""
-    try:
-        from configs import base
-    except ImportError:
-        path = os.path.join(os.path.dirname(__file__), "..", "configs", "base.py")
-        if not os.path.exists(path):
-            return None
-        spec = importlib.util.spec_from_file_location("tusk_jax_base_config", path)
-        base = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(base)
+def base_defaults() -> ml_collections.ConfigDict:
+    """The documented defaults, `tusk_jax/configs/base.py`'s `get_base_config()`.
+
+    Read from the package itself, never from a `configs` folder of the
+    working directory.
+    """
     return base.get_base_config()
 
 

@@ -62,6 +62,7 @@ flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_FIELDS_DOC = "tusk_jax/configs/base.py"
 
 
 class _ProjectInfoOnly(python_logging.Filter):
@@ -130,9 +131,9 @@ def _unknown_field(error: Exception, argv: list[str]) -> str:
             field = arg.split("=")[0][len("--config.") :]
             return (
                 f"unknown config field {field} (in {arg}); the fields are documented in "
-                "configs/base.py."
+                f"{_FIELDS_DOC}."
             )
-    return f"unknown config field {name!r}; the fields are documented in configs/base.py."
+    return f"unknown config field {name!r}; the fields are documented in {_FIELDS_DOC}."
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -50,7 +50,7 @@ class DatasetInfo:
       name: the dataset name.
       task: its evaluation protocol, one of `TASKS`.
       splits: public split names (landmarks: `train`, `regressor_train`, `test`).
-      config: the `configs/<config>.py` whose `get_config()` gives its defaults.
+      config: the `tusk_jax/configs/<config>.py` whose `get_config()` gives its defaults.
       generator: True if an embedded generator makes scenes with
         `dataset.num_objects` objects (so evaluation can choose the count).
       generator_source: `dataset.source` for scenes of another object count
