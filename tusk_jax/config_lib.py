@@ -137,6 +137,8 @@ def check_batch_split(batch_size: int, device_count: int | None = None) -> int:
       batch_size: `train.batch_size` (pairs, global).
       device_count: the devices; None: every process's (they must be equal).
     """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        _fail("train.batch_size", f"must be an int >= 1 (pairs per step), got {batch_size!r}.")
     num_processes = jax.process_count()
     if device_count is None:
         try:
@@ -144,7 +146,7 @@ def check_batch_split(batch_size: int, device_count: int | None = None) -> int:
         except ValueError as error:
             raise ConfigError(str(error)) from None
     per_process = device_count // num_processes
-    if batch_size < 1 or batch_size % device_count:
+    if batch_size % device_count:
         valid = ", ".join(str(device_count * i) for i in range(1, 4))
         raise ConfigError(
             f"config train.batch_size={batch_size} does not split evenly over the "
@@ -244,14 +246,15 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
     for field in ("learning_rate", "prototype_learning_rate"):
         if train[field] <= 0:
             _fail(f"train.{field}", f"must be > 0, got {train[field]!r}.")
+    # Each field on its own first: a warm-up is only checked against a valid step count.
+    for field in ("num_steps", "log_every", "image_every", "checkpoint_every", "max_to_keep"):
+        if train[field] < 1:
+            _fail(f"train.{field}", f"must be >= 1, got {train[field]!r}.")
     if not 0 <= train.warmup_steps < train.num_steps:
         _fail(
             "train.warmup_steps",
             f"must be in [0, train.num_steps={train.num_steps}), got {train.warmup_steps!r}.",
         )
-    for field in ("num_steps", "log_every", "image_every", "checkpoint_every", "max_to_keep"):
-        if train[field] < 1:
-            _fail(f"train.{field}", f"must be >= 1, got {train[field]!r}.")
     if not isinstance(train.prefetch_to_device, int) or train.prefetch_to_device < 0:
         _fail("train.prefetch_to_device", f"must be an int >= 0, got {train.prefetch_to_device!r}.")
 

@@ -28,7 +28,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tusk_jax import distributed
+from tusk_jax import config_files, distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -62,7 +62,6 @@ flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_FIELDS_DOC = "tusk_jax/configs/base.py"
 
 
 class _ProjectInfoOnly(python_logging.Filter):
@@ -123,27 +122,9 @@ def quiet_library_logs() -> None:
     sys.unraisablehook = quiet_unraisable_hook
 
 
-def _unknown_field(error: Exception, argv: list[str]) -> str:
-    """A one-line message for an override of a config field that does not exist."""
-    name = str(error).strip("\"'")
-    for arg in argv:
-        if arg.startswith("--config.") and name in arg.split("=")[0].split("."):
-            field = arg.split("=")[0][len("--config.") :]
-            return (
-                f"unknown config field {field} (in {arg}); the fields are documented in "
-                f"{_FIELDS_DOC}."
-            )
-    return f"unknown config field {name!r}; the fields are documented in {_FIELDS_DOC}."
-
-
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with one-line errors (an unknown config field included)."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as error:
-        sys.exit(f"tusk_jax.main: {error} (--helpshort lists the flags)")
-    except (AttributeError, KeyError) as error:  # ml_collections: no such field
-        sys.exit(f"tusk_jax.main: {_unknown_field(error, argv)}")
+    """absl's flag parsing with one-line errors (config file, unknown field, flag)."""
+    return config_files.parse_flags("tusk_jax.main", argv, FLAGS)
 
 
 def main(argv):
