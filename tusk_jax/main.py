@@ -156,7 +156,7 @@ def _main(argv):
         logging.set_verbosity(logging.WARNING)
     logging.info("JAX %s", distributed.describe())
     logging.info("Config:\n%s", FLAGS.config)
-    from tusk_jax import checkpointing, train
+    from tusk_jax import checkpointing, datasets, train
 
     try:
         train.fit(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
@@ -164,6 +164,7 @@ def _main(argv):
         config_lib.ConfigError,
         checkpointing.CheckpointError,
         checkpointing.CheckpointMismatchError,
+        datasets.DataFileError,
         train.NonFiniteError,
     ) as error:
         sys.exit(f"tusk_jax.main: {error}")

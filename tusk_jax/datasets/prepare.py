@@ -10,7 +10,8 @@ on first use). Without --config, the dataset's own config
 below override either. An interrupted run leaves only an `incomplete.*`
 folder that the next run removes. A file or setting that cannot give the
 dataset (missing, corrupt, digits that do not fit) ends the command with a
-one-line `error: ...` and exit status 1.
+one-line `error: ...` and exit status 1. `--force` removes the prepared
+files of that dataset first (a damaged file names this command).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ _NUM_TRAIN = flags.DEFINE_integer("num_train", None, "Procedural/real: training 
 _NUM_TEST = flags.DEFINE_integer("num_test", None, "Procedural/real: test examples.")
 _NUM_OBJECTS = flags.DEFINE_integer("num_objects", None, "Procedural: objects per scene.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Training resolution (pixels).")
+_FORCE = flags.DEFINE_bool(
+    "force", False, "Remove this dataset's prepared files (e.g. damaged ones) and prepare anew."
+)
 
 
 def dataset_config(dataset: str) -> ml_collections.ConfigDict:
@@ -96,7 +100,7 @@ def main(argv):
     config = config_from_flags()
     start = time.time()
     try:
-        builder = datasets.prepare_dataset(config)
+        builder = datasets.prepare_dataset(config, force=_FORCE.value)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     splits = {name: split.num_examples for name, split in builder.info.splits.items()}
