@@ -279,10 +279,45 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(
             f"{path} not found: {workdir!r} is not a training workdir of tusk_jax.main."
         )
-    with open(path) as f:
-        saved = ml_collections.ConfigDict(json.load(f))
+    saved = ml_collections.ConfigDict(_read_config_json(path))
     fill_legacy_values(saved)
     return ml_collections.ConfigDict(_merged(base_defaults().to_dict(), saved.to_dict()))
+
+
+def _read_config_json(path: str) -> dict:
+    """The dict in a run's `config.json`; `ConfigError` naming the file and the bad part.
+
+    Refuses invalid JSON, a top level that is not an object, and a key
+    ml_collections cannot hold (e.g. `__reduce__`, a dotted name).
+    """
+    fix = "restore the run's own config.json (tusk_jax.main writes it)"
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is not valid JSON ({error}); {fix}.") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} holds a {type(saved).__name__}, not a config object; {fix}.")
+    bad = _invalid_key(saved)
+    if bad is not None:
+        field, error = bad
+        raise ConfigError(f"{path}: invalid config field {field!r} ({error}); {fix}.")
+    return saved
+
+
+def _invalid_key(tree: dict, prefix: str = "") -> tuple[str, str] | None:
+    """`(dotted field, reason)` of the first key of `tree` a ConfigDict refuses, else None."""
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        try:
+            ml_collections.ConfigDict({key: None})
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            return name, str(error).strip("\"'")
+        if isinstance(value, dict):
+            found = _invalid_key(value, name)
+            if found is not None:
+                return found
+    return None
 
 
 def base_defaults() -> ml_collections.ConfigDict:
