@@ -213,6 +213,13 @@ def _warn_beyond_peaks(chunk, k: int, window: int, warned: list) -> None:
             return
 
 
+def _check_reading(scale: float, max_pixels: int | None) -> None:
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale!r}.")
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels!r}.")
+
+
 def _window(detector) -> int:
     """The NMS window of a workdir's `Detector` or an `ExportedDetector`."""
     if isinstance(detector, exported.ExportedDetector):
@@ -271,10 +278,7 @@ def detect_files(
     written, failed, warned = [], {}, []
     stems = output_stems(paths)
     k = detector.resolve_num_keypoints(num_keypoints)
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale!r}.")
-    if max_pixels is not None and max_pixels < 1:
-        raise ValueError(f"max_pixels must be >= 1, got {max_pixels!r}.")
+    _check_reading(scale, max_pixels)
 
     settings = {
         "workdir": detector.workdir and os.path.abspath(detector.workdir),
