@@ -378,6 +378,25 @@ def state_template(config: ml_collections.ConfigDict):
     return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
 
 
+def _restore_listed(manager, config, workdir: str, step: int, steps: list) -> tuple:
+    """`restore` of a listed `step`; a corrupt step's message names the run's others."""
+    template = state_template(config)
+    check_state_matches(manager, step, template, workdir)
+    try:
+        return restore(manager, template, step)
+    except CorruptCheckpointError as error:
+        # Not a silent fall-back as in training: metrics or detections of
+        # another step than the one asked for would be mislabelled.
+        others = [s for s in steps if s != step]
+        hint = (
+            f" Pick another step with --step (this run's others: {others}); "
+            "resuming training falls back to the newest intact one by itself."
+            if others
+            else " It is the run's only step."
+        )
+        raise CorruptCheckpointError(f"{error}{hint}") from None
+
+
 def restore_state(
     workdir: str, config: ml_collections.ConfigDict, step: int | None = None
 ) -> tuple[Any, int]:
@@ -404,35 +423,45 @@ def restore_state(
             f"python -m tusk_jax.main --config=... --workdir={workdir}."
         )
     manager = create_manager(workdir, use_async=False)
+    vanished = []  # Listed, then removed while read (a trainer pruning old steps).
     try:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise FileNotFoundError(
-                f"No checkpoint in {workdir!r}: {directory} holds no complete step."
-            )
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise FileNotFoundError(
-                f"No checkpoint of step {step} in {workdir!r}; available steps: {steps}."
-            )
-        template = state_template(config)
-        check_state_matches(manager, step, template, workdir)
-        try:
-            restored = restore(manager, template, step)
-        except CorruptCheckpointError as error:
-            # Not a silent fall-back as in training: metrics or detections of
-            # another step than the one asked for would be mislabelled.
-            others = [s for s in steps if s != step]
-            hint = (
-                f" Pick another step with --step (this run's others: {others}); "
-                "resuming training falls back to the newest intact one by itself."
-                if others
-                else " It is the run's only step."
-            )
-            raise CorruptCheckpointError(f"{error}{hint}") from None
+        while True:
+            steps = sorted(set(manager.all_steps()) - set(vanished))
+            if not steps:
+                raise FileNotFoundError(
+                    f"No checkpoint in {workdir!r}: {directory} holds no complete step"
+                    + (f" (step(s) {vanished} were removed while read)." if vanished else ".")
+                )
+            if step is not None and step not in steps:
+                raise FileNotFoundError(
+                    f"No checkpoint of step {step} in {workdir!r}; available steps: {steps}."
+                )
+            chosen = steps[-1] if step is None else step
+            try:
+                restored = _restore_listed(manager, config, workdir, chosen, steps)
+                break
+            except (CorruptCheckpointError, FileNotFoundError):
+                if os.path.isdir(os.path.join(directory, str(chosen))):
+                    raise
+            # Not corrupt: gone. The step asked for is an error; the latest moves on.
+            vanished.append(chosen)
+            if step is not None:
+                raise FileNotFoundError(
+                    f"Checkpoint step {step} in {workdir!r} was removed while it was read "
+                    "(by a trainer keeping its newest train.max_to_keep steps?); "
+                    f"steps left: {[s for s in steps if s != step]}."
+                )
+            manager.reload()
     finally:
         manager.close()
+    if vanished:
+        logging.warning(
+            "Checkpoint step(s) %s in %s were removed while being read (by a trainer keeping "
+            "its newest train.max_to_keep steps?); using step %d, the newest complete one.",
+            ", ".join(map(str, vanished)),
+            directory,
+            restored[2],
+        )
     state, _, step = restored
     logging.info("Restored step %d from %s.", step, directory)
     return state, int(step)

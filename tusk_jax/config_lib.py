@@ -10,7 +10,6 @@ field), and `record_config_changes` keeps the accepted changes in
 `<workdir>/config_changes.jsonl`.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -20,6 +19,7 @@ import jax
 import ml_collections
 
 from tusk_jax import datasets, distributed, models, ops, perceptual
+from tusk_jax.configs import base
 
 CONFIG_FILE = "config.json"
 # config.json's key for the run's identity (`tusk_jax.run_identity`); not a config field.
@@ -118,7 +118,7 @@ def validate_config(
     and K; decoder vs task; batch vs devices; ...).
 
     Args:
-      config: the whole config (configs/base.py layout).
+      config: the whole config (tusk_jax/configs/base.py layout).
       device_count: devices sharing the global batch; default: every process's.
       training: False for a run written but not trained here (the authors'
         converted models): what only training needs (the VGG16 file of the
@@ -146,6 +146,8 @@ def check_batch_split(batch_size: int, device_count: int | None = None) -> int:
       batch_size: `train.batch_size` (pairs, global).
       device_count: the devices; None: every process's (they must be equal).
     """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        _fail("train.batch_size", f"must be an int >= 1 (pairs per step), got {batch_size!r}.")
     num_processes = jax.process_count()
     if device_count is None:
         try:
@@ -153,7 +155,7 @@ def check_batch_split(batch_size: int, device_count: int | None = None) -> int:
         except ValueError as error:
             raise ConfigError(str(error)) from None
     per_process = device_count // num_processes
-    if batch_size < 1 or batch_size % device_count:
+    if batch_size % device_count:
         valid = ", ".join(str(device_count * i) for i in range(1, 4))
         raise ConfigError(
             f"config train.batch_size={batch_size} does not split evenly over the "
@@ -253,14 +255,15 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
     for field in ("learning_rate", "prototype_learning_rate"):
         if train[field] <= 0:
             _fail(f"train.{field}", f"must be > 0, got {train[field]!r}.")
+    # Each field on its own first: a warm-up is only checked against a valid step count.
+    for field in ("num_steps", "log_every", "image_every", "checkpoint_every", "max_to_keep"):
+        if train[field] < 1:
+            _fail(f"train.{field}", f"must be >= 1, got {train[field]!r}.")
     if not 0 <= train.warmup_steps < train.num_steps:
         _fail(
             "train.warmup_steps",
             f"must be in [0, train.num_steps={train.num_steps}), got {train.warmup_steps!r}.",
         )
-    for field in ("num_steps", "log_every", "image_every", "checkpoint_every", "max_to_keep"):
-        if train[field] < 1:
-            _fail(f"train.{field}", f"must be >= 1, got {train[field]!r}.")
     if not isinstance(train.prefetch_to_device, int) or train.prefetch_to_device < 0:
         _fail("train.prefetch_to_device", f"must be an int >= 0, got {train.prefetch_to_device!r}.")
 
@@ -300,35 +303,62 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run in `workdir` was trained with (see `save_config`).
 
     Fields an old run's file lacks get the value it was trained with
-    (`LEGACY_VALUES`), else the base default (`configs/base.py`).
+    (`LEGACY_VALUES`), else the base default (`tusk_jax/configs/base.py`).
     """
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} not found: {workdir!r} is not a training workdir of tusk_jax.main."
         )
-    with open(path) as f:
-        data = json.load(f)
+    data = _read_config_json(path)
     data.pop(RUN_KEY, None)
     saved = ml_collections.ConfigDict(data)
     fill_legacy_values(saved)
-    defaults = base_defaults()
-    if defaults is None:
-        return saved
-    return ml_collections.ConfigDict(_merged(defaults.to_dict(), saved.to_dict()))
+    return ml_collections.ConfigDict(_merged(base_defaults().to_dict(), saved.to_dict()))
 
 
-def base_defaults() -> ml_collections.ConfigDict | None:
-    """`configs/base.py`'s `get_base_config()`; None where the repository's configs/ is absent."""
+def _read_config_json(path: str) -> dict:
+    """The dict in a run's `config.json`; `ConfigError` naming the file and the bad part.
+
+    Refuses invalid JSON, a top level that is not an object, and a key
+    ml_collections cannot hold (e.g. `__reduce__`, a dotted name).
+    """
+    fix = "restore the run's own config.json (tusk_jax.main writes it)"
     try:
-        from configs import base
-    except ImportError:
-        path = os.path.join(os.path.dirname(__file__), "..", "configs", "base.py")
-        if not os.path.exists(path):
-            return None
-        spec = importlib.util.spec_from_file_location("tusk_jax_base_config", path)
-        base = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(base)
+        with open(path) as f:
+            saved = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is not valid JSON ({error}); {fix}.") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} holds a {type(saved).__name__}, not a config object; {fix}.")
+    bad = _invalid_key(saved)
+    if bad is not None:
+        field, error = bad
+        raise ConfigError(f"{path}: invalid config field {field!r} ({error}); {fix}.")
+    return saved
+
+
+def _invalid_key(tree: dict, prefix: str = "") -> tuple[str, str] | None:
+    """`(dotted field, reason)` of the first key of `tree` a ConfigDict refuses, else None."""
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        try:
+            ml_collections.ConfigDict({key: None})
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            return name, str(error).strip("\"'")
+        if isinstance(value, dict):
+            found = _invalid_key(value, name)
+            if found is not None:
+                return found
+    return None
+
+
+def base_defaults() -> ml_collections.ConfigDict:
+    """The documented defaults, `tusk_jax/configs/base.py`'s `get_base_config()`.
+
+    Read from the package itself, never from a `configs` folder of the
+    working directory.
+    """
     return base.get_base_config()
 
 

@@ -30,9 +30,13 @@ most `--max_pixels` (2048 x 2048) while the pixels are
 still integers (JPEG decoded at reduced scale), so a large photo never
 becomes a large float array; files above 150 M pixels are
 refused before decoding. A file that cannot be read (not an image,
-truncated, too large, too small for K keypoints), detected (e.g. out of
-memory) or written is reported in `failed` and skipped; it never stops the
-batch.
+truncated, too large), is too small (fewer pixels than K), cannot be
+detected (e.g. out of memory) or written is reported in `failed` and
+skipped; it never stops the batch, but the command then ends with exit
+status 2 and a line counting the failures (`--keep_going`: 0); 1 when no
+image could be processed. A K above the peaks NMS can find in an image
+(`ops.max_peaks`, e.g. 36 in 16 x 16 with window 5) is warned about once
+per run: the keypoints past the peaks are suppressed pixels, not peaks.
 """
 
 from __future__ import annotations
@@ -47,11 +51,14 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from tusk_jax import cli, detection_io, exported, image_files, inference, visualization
+from tusk_jax import cli, detection_io, exported, image_files, inference, ops, visualization
 
 # Output stems kept for the command's own files: an input `summary.png` writes
 # `summary_2.json` / `summary_2.png`, never over `summary.json`.
 RESERVED_STEMS = ("summary",)
+# Exit status when some inputs failed and others were written (0 with --keep_going);
+# 1: no input could be processed, or the run could not be loaded.
+EXIT_SOME_FAILED = 2
 # The annotated PNG is upscaled (nearest) until its longer side reaches about this size.
 ANNOTATION_TARGET_SIDE = 256
 ANNOTATION_MAX_SCALE = 8
@@ -166,12 +173,60 @@ def _read_chunk(paths, stems, output_dir, inputs, k, reading, fail) -> list[tupl
         try:
             read = image_files.read_image(path, *reading)
             h, w = read.image.shape[:2]
-            if h * w < k:
-                raise ValueError(f"{w}x{h} has fewer pixels than K={k}")
-            chunk.append((path, read, json_path, png_path))
         except Exception as error:  # noqa: BLE001 - PIL raises many types (even SyntaxError).
             fail(path, f"unreadable: {type(error).__name__}: {error}")
+            continue
+        if h * w < k:
+            fail(
+                path,
+                f"too small: the network sees {w}x{h}, fewer pixels than K={k} keypoints; "
+                f"use --num_keypoints={h * w} or less, or a larger --scale",
+            )
+            continue
+        chunk.append((path, read, json_path, png_path))
     return chunk
+
+
+def _warn_beyond_peaks(chunk, k: int, window: int, warned: list) -> None:
+    """Logs once per run (`warned`) when K exceeds the NMS peaks an image can hold.
+
+    The keypoints past `ops.max_peaks` are suppressed pixels, not score-map
+    peaks (`ops.top_k_peaks`); they are still written, best first after the peaks.
+    """
+    if warned:
+        return
+    for path, read, _, _ in chunk:
+        h, w = read.image.shape[:2]
+        peaks = ops.max_peaks(h, w, window)
+        if k > peaks:
+            warned.append(path)
+            logging.warning(
+                "--num_keypoints=%d exceeds the %d peak(s) that NMS (window %d) can find in a "
+                "%dx%d image (%s first): keypoints past them are not peaks; use "
+                "--num_keypoints=%d or less, or a larger --scale (warned once).",
+                k,
+                peaks,
+                window,
+                w,
+                h,
+                path,
+                peaks,
+            )
+            return
+
+
+def _check_reading(scale: float, max_pixels: int | None) -> None:
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale!r}.")
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels!r}.")
+
+
+def _window(detector) -> int:
+    """The NMS window of a workdir's `Detector` or an `ExportedDetector`."""
+    if isinstance(detector, exported.ExportedDetector):
+        return detector.window
+    return int(detector.config.model.window)
 
 
 def _detect_chunk(detector, chunk, k, min_confidence, fail) -> list:
@@ -237,10 +292,7 @@ def check_output_dir(output_dir: str, source: dict, overwrite: bool = False) -> 
 def _settings(detector, num_keypoints, min_confidence, scale, max_pixels) -> dict:
     """The checked detection settings each JSON records (ValueError on a bad one)."""
     k = detector.resolve_num_keypoints(num_keypoints)
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale!r}.")
-    if max_pixels is not None and max_pixels < 1:
-        raise ValueError(f"max_pixels must be >= 1, got {max_pixels!r}.")
+    _check_reading(scale, max_pixels)
     return {
         "workdir": detector.workdir and os.path.abspath(detector.workdir),
         "step": detector.step,
@@ -286,7 +338,7 @@ def detect_files(
     check_output_dir(output_dir, source, overwrite)
     os.makedirs(output_dir, exist_ok=True)
     inputs = {os.path.abspath(p) for p in paths}
-    written, failed = [], {}
+    written, failed, warned = [], {}, []
     stems = output_stems(paths)
     settings = _settings(detector, num_keypoints, min_confidence, scale, max_pixels)
     k = settings["num_keypoints"]
@@ -306,6 +358,7 @@ def detect_files(
                 (scale, max_pixels, max_file_pixels),
                 fail,
             )
+            _warn_beyond_peaks(chunk, k, _window(detector), warned)
             results = _detect_chunk(detector, chunk, k, min_confidence, fail)
             for (path, read, json_path, png_path), found in zip(chunk, results, strict=True):
                 if found is None:
@@ -358,6 +411,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "Replace the detections of another model (workdir, export or step) in --output.",
         **fv,
     )
+    flags.DEFINE_bool(
+        "keep_going",
+        False,
+        f"Exit 0 when some inputs failed but others were written (default: exit "
+        f"{EXIT_SOME_FAILED}, so that scripts notice).",
+        **fv,
+    )
 
 
 def run(flag_values: flags.FlagValues) -> dict:
@@ -405,6 +465,14 @@ def run(flag_values: flags.FlagValues) -> dict:
         print(f"skipped {path}: {reason}")
     if not summary["written"]:
         sys.exit("error: no image could be processed.")
+    if summary["failed"] and not flag_values.keep_going:
+        print(
+            f"error: {len(summary['failed'])} of {len(paths)} input(s) failed (listed above and "
+            f"in {os.path.join(flag_values.output, 'summary.json')}); exit status "
+            f"{EXIT_SOME_FAILED} (--keep_going: 0).",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_SOME_FAILED)
     return summary
 
 

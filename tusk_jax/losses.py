@@ -31,7 +31,7 @@ PROTOTYPE_OBJECTIVES = {"sliced_wasserstein": "sw", "kmeans": "kmeans"}
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """The fields the losses read (configs/base.py documents each under `loss`)."""
+    """The fields the losses read (tusk_jax/configs/base.py documents each under `loss`)."""
 
     weights: Mapping[str, float]  # Term name -> weight (`WEIGHT_FIELDS`).
     recon: str = "mse"

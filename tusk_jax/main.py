@@ -30,7 +30,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tusk_jax import cli, distributed
+from tusk_jax import cli, config_files, distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -70,27 +70,9 @@ flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _unknown_field(error: Exception, argv: list[str]) -> str:
-    """A one-line message for an override of a config field that does not exist."""
-    name = str(error).strip("\"'")
-    for arg in argv:
-        if arg.startswith("--config.") and name in arg.split("=")[0].split("."):
-            field = arg.split("=")[0][len("--config.") :]
-            return (
-                f"unknown config field {field} (in {arg}); the fields are documented in "
-                "configs/base.py."
-            )
-    return f"unknown config field {name!r}; the fields are documented in configs/base.py."
-
-
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with one-line errors (an unknown config field included)."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as error:
-        sys.exit(f"tusk_jax.main: {error} (--helpshort lists the flags)")
-    except (AttributeError, KeyError) as error:  # ml_collections: no such field
-        sys.exit(f"tusk_jax.main: {_unknown_field(error, argv)}")
+    """absl's flag parsing with one-line errors (config file, unknown field, flag)."""
+    return config_files.parse_flags("tusk_jax.main", argv, FLAGS)
 
 
 def main(argv):
@@ -124,7 +106,7 @@ def _main(argv):
         logging.set_verbosity(logging.WARNING)
     logging.info("JAX %s", distributed.describe())
     logging.info("%s", cli.config_summary(FLAGS.config, FLAGS.workdir))
-    from tusk_jax import checkpointing, train, workdir_lock
+    from tusk_jax import checkpointing, datasets, train, workdir_lock
 
     try:
         state = train.fit(
@@ -138,6 +120,7 @@ def _main(argv):
         config_lib.ConfigError,
         checkpointing.CheckpointError,
         checkpointing.CheckpointMismatchError,
+        datasets.DataFileError,
         train.NonFiniteError,
         workdir_lock.WorkdirBusyError,
     ) as error:

@@ -61,7 +61,7 @@ DESCRIPTOR_SAMPLINGS = ("nearest", "bilinear_stop_gradient", "bilinear")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The fields the networks read (configs/base.py documents each under `model`)."""
+    """The fields the networks read (tusk_jax/configs/base.py documents each under `model`)."""
 
     base_width: int = 32
     depth: int = 4

@@ -9,6 +9,7 @@ download and how to add a dataset.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import importlib
@@ -23,6 +24,7 @@ from absl import logging
 
 from tusk_jax.datasets import common
 
+DataFileError = common.DataFileError  # A data folder or stored file that cannot be read.
 # Modules under tusk_jax/datasets/ that declare `DATASETS`.
 MODULES = ("mnist_hard", "tetrominoes", "clevr", "celeba_wild", "h36m")
 
@@ -80,8 +82,13 @@ def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
     return os.path.exists(info_file) and builder.is_prepared()
 
 
-def prepare_dataset(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+def prepare_dataset(
+    config: ml_collections.ConfigDict, force: bool = False
+) -> tfds.core.DatasetBuilder:
     """Returns the builder for `config`, generating the dataset first if it is missing.
+
+    With `force`, a prepared dataset of this builder config (e.g. one whose
+    files were damaged, see `check_split_files`) is removed and prepared anew.
 
     (Named prepare_dataset because `tusk_jax.datasets.prepare` is the CLI module.)
 
@@ -94,19 +101,21 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
     that waited finds the dataset prepared.
     """
     builder = get_builder(config)
-    if is_prepared(builder):
+    if is_prepared(builder) and not force:
         logging.info("Dataset %s found in %s.", config.dataset.name, builder.data_dir)
         return builder
     config_dir = os.fspath(builder.data_path.parent)  # <data_dir>/<builder>/<config>
     os.makedirs(config_dir, exist_ok=True)
     with open(os.path.join(config_dir, ".prepare.lock"), "w") as lock:
         locked = _lock(lock, config_dir)
+        if force and os.path.isdir(builder.data_path):
+            logging.warning("Removing %s to prepare it anew (--force).", builder.data_path)
+            shutil.rmtree(builder.data_path)
+            builder = get_builder(config)
+        elif locked and is_prepared(builder):  # By another process, while this one waited.
+            logging.info("Dataset %s prepared meanwhile in %s.", config.dataset.name, config_dir)
+            return get_builder(config)  # Reads the new dataset_info.json.
         if locked:
-            if is_prepared(builder):  # By another process, while this one waited.
-                logging.info(
-                    "Dataset %s prepared meanwhile in %s.", config.dataset.name, config_dir
-                )
-                return get_builder(config)  # Reads the new dataset_info.json.
             remove_incomplete(config_dir)
         logging.info("Preparing dataset %s into %s ...", config.dataset.name, builder.data_dir)
         start = time.time()
@@ -175,7 +184,59 @@ def data_source(config: ml_collections.ConfigDict, split: str, image_only: bool 
     """
     check_split(config.dataset.name, split)
     builder = prepare_dataset(config)
+    check_split_files(config, builder, split_name(config.dataset.name, split))
     decoders = None
     if image_only:
         decoders = {k: tfds.decode.SkipDecoding() for k in builder.info.features if k != "image"}
     return builder.as_data_source(split=split_name(config.dataset.name, split), decoders=decoders)
+
+
+def prepare_command(config: ml_collections.ConfigDict) -> str:
+    """The `tusk_jax.datasets.prepare --force` command that prepares `config`'s dataset anew."""
+    dataset = config.dataset
+    parts = [f"python -m tusk_jax.datasets.prepare --dataset={dataset.name}"]
+    parts.append(f"--data_dir={common.get_data_dir(config)}")
+    if dataset.get("manual_dir"):
+        parts.append(f"--manual_dir={dataset.manual_dir}")
+    for field in ("source", "num_train", "num_test", "num_objects", "image_size"):
+        parts.append(f"--{field}={dataset[field]}")
+    return " ".join(parts + ["--force"])
+
+
+def check_split_files(
+    config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, split: str
+) -> None:
+    """Checks that each array_record file of the stored `split` holds all its examples.
+
+    Reads only each file's index (a truncated or empty file has none, or
+    fewer records than `dataset_info.json` lists), not the examples.
+
+    Raises:
+      common.DataFileError: naming the first missing, unreadable or short file
+        and the command that prepares the dataset anew.
+    """
+    from array_record.python import array_record_module  # noqa: PLC0415 - tfds' reader.
+
+    info = builder.info.splits[split]
+    for path, expected in zip(info.filepaths, info.shard_lengths, strict=True):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            problem = "is missing"
+        else:
+            size = os.path.getsize(path)
+            try:
+                reader = array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0")
+            except (RuntimeError, OSError, ValueError) as error:
+                problem = f"is unreadable ({size} bytes: {error})"
+            else:
+                found = reader.num_records()
+                with contextlib.suppress(RuntimeError):  # A damaged file's close raises too.
+                    reader.close()
+                problem = None
+                if found != expected:
+                    problem = f"holds {found} of its {expected} examples ({size} bytes)"
+        if problem is not None:
+            raise common.DataFileError(
+                f"dataset file {path} {problem}: damaged or cut short; prepare the dataset "
+                f"anew with: {prepare_command(config)}"
+            )

@@ -50,7 +50,7 @@ class DatasetInfo:
       name: the dataset name.
       task: its evaluation protocol, one of `TASKS`.
       splits: public split names (landmarks: `train`, `regressor_train`, `test`).
-      config: the `configs/<config>.py` whose `get_config()` gives its defaults.
+      config: the `tusk_jax/configs/<config>.py` whose `get_config()` gives its defaults.
       generator: True if an embedded generator makes scenes with
         `dataset.num_objects` objects (so evaluation can choose the count).
       generator_source: `dataset.source` for scenes of another object count
@@ -73,14 +73,28 @@ class DatasetInfo:
     paper: tuple[PaperResult, ...] = ()
 
 
+class DataFileError(ValueError):
+    """A data folder or stored dataset file that cannot be read; names it and the fix."""
+
+
 def get_data_dir(config: ml_collections.ConfigDict) -> str:
-    """tfds data dir: config.dataset.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
-    data_dir = config.dataset.get("data_dir", None)
+    """tfds data dir: config.dataset.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+
+    Raises:
+      DataFileError: the path exists and is not a folder (named with where it came from).
+    """
+    data_dir, origin = config.dataset.get("data_dir", None), "config.dataset.data_dir"
     if not data_dir:
-        data_dir = os.environ.get("TFDS_DATA_DIR") or os.path.join(
-            os.path.expanduser("~"), "tensorflow_datasets"
+        data_dir, origin = os.environ.get("TFDS_DATA_DIR"), "$TFDS_DATA_DIR"
+    if not data_dir:
+        data_dir, origin = os.path.join(os.path.expanduser("~"), "tensorflow_datasets"), "default"
+    data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataFileError(
+            f"the tfds data dir {data_dir} ({origin}) is a file, not a folder; point "
+            "$TFDS_DATA_DIR or --config.dataset.data_dir at a folder (created if needed)."
         )
-    return os.path.abspath(os.path.expanduser(data_dir))
+    return data_dir
 
 
 def get_manual_dir(config: ml_collections.ConfigDict) -> str:

@@ -6,17 +6,17 @@ r"""Command line: prepare a dataset (generate or convert it into the tfds data d
 
 `tusk_jax.datasets.prepare_dataset(config)` does the work (training calls it
 on first use). Without --config, the dataset's own config
-(`configs/<DatasetInfo.config>.py`, `get_config()`) is used; the flags
+(`tusk_jax/configs/<DatasetInfo.config>.py`, `get_config()`) is used; the flags
 below override either. An interrupted run leaves only an `incomplete.*`
 folder that the next run removes. A file or setting that cannot give the
 dataset (missing, corrupt, digits that do not fit) ends the command with a
-one-line `error: ...` and exit status 1.
+one-line `error: ...` and exit status 1. `--force` removes the prepared
+files of that dataset first (a damaged file names this command).
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import time
 
@@ -39,16 +39,19 @@ _NUM_TRAIN = flags.DEFINE_integer("num_train", None, "Procedural/real: training 
 _NUM_TEST = flags.DEFINE_integer("num_test", None, "Procedural/real: test examples.")
 _NUM_OBJECTS = flags.DEFINE_integer("num_objects", None, "Procedural: objects per scene.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Training resolution (pixels).")
+_FORCE = flags.DEFINE_bool(
+    "force", False, "Remove this dataset's prepared files (e.g. damaged ones) and prepare anew."
+)
 
 
 def dataset_config(dataset: str) -> ml_collections.ConfigDict:
-    """An unlocked copy of `configs/<config>.get_config()` for `dataset` (its paper settings)."""
+    """An unlocked copy of `tusk_jax/configs/<config>.py`'s `get_config()` for `dataset`.
+
+    The paper settings, read from the package (never from a `configs` folder
+    of the working directory).
+    """
     info = datasets.get_info(dataset)
-    try:
-        module = importlib.import_module(f"configs.{info.config}")
-    except ImportError:  # Run from elsewhere: the repository holding this package.
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-        module = importlib.import_module(f"configs.{info.config}")
+    module = importlib.import_module(f"tusk_jax.configs.{info.config}")
     config = ml_collections.ConfigDict(module.get_config().to_dict())
     config.dataset.name = dataset
     return config
@@ -96,7 +99,7 @@ def main(argv):
     config = config_from_flags()
     start = time.time()
     try:
-        builder = datasets.prepare_dataset(config)
+        builder = datasets.prepare_dataset(config, force=_FORCE.value)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     splits = {name: split.num_examples for name, split in builder.info.splits.items()}

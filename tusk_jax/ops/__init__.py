@@ -9,6 +9,7 @@
 from tusk_jax.ops.keypoints import (
     SOFT_ARGMAX_BORDERS,
     detect_keypoints,
+    max_peaks,
     non_max_suppression,
     soft_argmax_refine,
     top_k_peaks,
@@ -56,6 +57,7 @@ __all__ = [
     "kmeans_loss",
     "l2_normalize",
     "make_training_pair",
+    "max_peaks",
     "nearest_prototype",
     "non_max_suppression",
     "normalised_to_pixel",

@@ -50,6 +50,19 @@ def non_max_suppression(score_map: jax.Array, window: int) -> jax.Array:
     return jnp.where(score_map == local_max, score_map, jnp.zeros_like(score_map))
 
 
+def max_peaks(height: int, width: int, window: int) -> int:
+    """The most distinct-valued NMS peaks a `height` x `width` score map can hold.
+
+    Two such peaks are never inside each other's window (each would be the
+    other's maximum), so they lie at least `window // 2 + 1` pixels apart
+    along x or y: one per cell of that side, a bound a lattice reaches. Only
+    a flat plateau (ties) gives more. `top_k_peaks` fills the slots of K
+    beyond the peaks found with suppressed pixels (score 0), not peaks.
+    """
+    step = window // 2 + 1
+    return -(-height // step) * -(-width // step)
+
+
 def top_k_peaks(score_map: jax.Array, k: int, window: int) -> tuple[jax.Array, jax.Array]:
     """The `k` highest local maxima of a score map, best first.
 
