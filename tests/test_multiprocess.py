@@ -241,6 +241,8 @@ def test_batch_split_in_one_process(monkeypatch):
     with pytest.raises(ValueError, match=r"over the 2 devices \(1 process\(es\) x 2 device"):
         config_lib.check_batch_split(3)
     with pytest.raises(ValueError, match="use a multiple of 2"):
+        config_lib.check_batch_split(5)
+    with pytest.raises(ValueError, match="train.batch_size: must be an int >= 1"):
         config_lib.check_batch_split(0)
     monkeypatch.setattr(distributed, "device_layout", lambda: {0: 2, 1: 1})
     with pytest.raises(ValueError, match="same number of devices.*process 0: 2, process 1: 1"):

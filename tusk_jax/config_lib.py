@@ -120,10 +120,7 @@ def validate_config(
     Args:
       config: the whole config (tusk_jax/configs/base.py layout).
       device_count: devices sharing the global batch; default: every process's.
-      training: False for a run written but not trained here (the authors'
-        converted models): what only training needs (the VGG16 file of the
-        perceptual loss, a batch that splits over this machine's devices) is
-        not checked.
+      training: False: not trained here (`convert_release`); skips VGG16 file, device split.
     """
     _check_dataset(config)
     _check_model(config)
