@@ -66,7 +66,7 @@ def torch_key(path: tuple[str, ...]) -> str:
             module = f"{prefix}.conv_last"
         else:
             kind = "dconv_down" if stage.startswith("down") else "dconv_up"
-            level = int(stage.lstrip("downup")) + 1
+            level = int(stage.removeprefix("down").removeprefix("up")) + 1
             index = {v: k for k, v in _STAGE_LAYERS.items()}[path[4]]
             module = f"{prefix}.{kind}{level}.{index}"
     return f"{module}.{'bias' if path[-1] == 'bias' else 'weight'}"

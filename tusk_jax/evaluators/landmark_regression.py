@@ -40,6 +40,18 @@ H36M_32_LEFT_RIGHT_PAIRS: tuple[tuple[int, int], ...] = (
 DEFAULT_CED_THRESHOLDS = np.linspace(0.0, 0.5, 101)
 
 
+def _checked_slots_input(keypoints, prototype_ids, num_prototypes: int):
+    """`(keypoints [B, K, 2] float64, prototype_ids [B, K] int)`, checked for the slot layout."""
+    keypoints = base.as_float_array("keypoints", keypoints, 3, 2)
+    prototype_ids = base.as_int_array("prototype_ids", prototype_ids, 2)
+    b, k, _ = keypoints.shape
+    if prototype_ids.shape != (b, k):
+        raise ValueError(f"prototype_ids must have shape {(b, k)}, got {prototype_ids.shape}.")
+    if prototype_ids.size and (prototype_ids.min() < 0 or prototype_ids.max() >= num_prototypes):
+        raise ValueError(f"prototype_ids must be in [0, {num_prototypes}).")
+    return keypoints, prototype_ids
+
+
 def landmark_features(
     keypoints: ArrayLike, prototype_ids: ArrayLike, num_prototypes: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -60,13 +72,8 @@ def landmark_features(
       `(features, filled)`: `[B, M, K, 2]` float64 and `[B, M, K]` bool (True in
       the slots that hold a keypoint; exactly K per image).
     """
-    keypoints = base.as_float_array("keypoints", keypoints, 3, 2)
-    prototype_ids = base.as_int_array("prototype_ids", prototype_ids, 2)
+    keypoints, prototype_ids = _checked_slots_input(keypoints, prototype_ids, num_prototypes)
     b, k, _ = keypoints.shape
-    if prototype_ids.shape != (b, k):
-        raise ValueError(f"prototype_ids must have shape {(b, k)}, got {prototype_ids.shape}.")
-    if prototype_ids.size and (prototype_ids.min() < 0 or prototype_ids.max() >= num_prototypes):
-        raise ValueError(f"prototype_ids must be in [0, {num_prototypes}).")
     index = np.broadcast_to(np.arange(k), (b, k))
     # Last key is primary: prototype, then x, then y, then keypoint index.
     order = np.lexsort((index, keypoints[..., 1], keypoints[..., 0], prototype_ids), axis=-1)
@@ -108,13 +115,8 @@ def release_landmark_features(
     Returns:
       `[B, M * K * 2]` float64.
     """
-    keypoints = base.as_float_array("keypoints", keypoints, 3, 2)
-    prototype_ids = base.as_int_array("prototype_ids", prototype_ids, 2)
+    keypoints, prototype_ids = _checked_slots_input(keypoints, prototype_ids, num_prototypes)
     b, k, _ = keypoints.shape
-    if prototype_ids.shape != (b, k):
-        raise ValueError(f"prototype_ids must have shape {(b, k)}, got {prototype_ids.shape}.")
-    if prototype_ids.size and (prototype_ids.min() < 0 or prototype_ids.max() >= num_prototypes):
-        raise ValueError(f"prototype_ids must be in [0, {num_prototypes}).")
     fractions = keypoints / np.array([width, height], np.float64)
     raster = width * fractions[..., 1] + fractions[..., 0]
     features = np.zeros((b, num_prototypes, k, 2), np.float64)
