@@ -167,3 +167,56 @@ def test_l2_normalize_unit_norm_and_safe_at_zero():
     np.testing.assert_allclose(ops.l2_normalize(x), [[0.6, 0.8], [0.0, 0.0]], rtol=1e-6)
     grad = jax.grad(lambda v: ops.l2_normalize(v).sum())(x)
     assert np.all(np.isfinite(grad))
+
+
+def test_stochastic_counts_are_unbiased_with_no_preferred_index():
+    # The tied case above: 8 spare samples over 24 unused prototypes with equal
+    # fractional parts. largest_remainder always gives them to prototypes 8-15;
+    # stochastic rounding gives each prototype weight_m N samples on average.
+    prototypes = jnp.asarray(np.eye(32, dtype=np.float32))
+    descriptors = jnp.asarray(np.eye(32, dtype=np.float32)[np.repeat(np.arange(8), 6)])
+    spread = np.array([0.0] * 8 + [1.0] * 24)
+    weight = np.array([6.0] * 8 + [0.0] * 24) + 48 * (0.01 + np.var(spread))
+    exact = weight / weight.sum() * 48
+    draw = jax.jit(
+        jax.vmap(lambda k: ops.prototype_counts(descriptors, prototypes, "stochastic", key=k))
+    )
+    counts = np.asarray(draw(jax.random.split(jax.random.PRNGKey(0), 4000)))
+    assert counts.dtype == np.int32
+    np.testing.assert_array_equal(counts.sum(axis=1), 48)
+    assert np.all((counts == np.floor(exact)) | (counts == np.ceil(exact)))
+    # Mean over 4000 draws: the binomial std of each mean is <= 0.008.
+    np.testing.assert_allclose(counts.mean(axis=0), exact, atol=0.04)
+    assert counts[:, 16:].sum(axis=1).mean() > 1.0  # The high indices get samples too.
+    assert len({tuple(c) for c in counts[:50]}) > 10  # The draws differ by key.
+
+
+def test_stochastic_counts_exact_when_weights_are_integral_and_need_a_key():
+    descriptors = jnp.asarray(unit(np.repeat(np.eye(3, 6), 4, axis=0)))
+    prototypes = jnp.asarray(np.eye(3, 6, dtype=np.float32))
+    # Balanced: weight_m N = 4 exactly, nothing to round.
+    for seed in range(3):
+        counts = ops.prototype_counts(
+            descriptors, prototypes, "stochastic", key=jax.random.PRNGKey(seed)
+        )
+        np.testing.assert_array_equal(counts, [4, 4, 4])
+    with pytest.raises(ValueError, match="needs a key"):
+        ops.prototype_counts(descriptors, prototypes, "stochastic")
+
+
+def test_sliced_wasserstein_loss_keeps_the_reference_key_stream_for_other_roundings():
+    key = jax.random.PRNGKey(3)
+    descriptors = jnp.asarray(unit(np.random.default_rng(0).normal(size=(12, 6))))
+    prototypes = jnp.asarray(unit(np.random.default_rng(1).normal(size=(5, 6))))
+    # The reference's stream: the key splits once into (mixture sample, directions).
+    key_sample, key_directions = jax.random.split(key)
+    counts = ops.prototype_counts(descriptors, prototypes, "last")
+    target = ops.sample_prototype_mixture(key_sample, prototypes, counts, 12, 0.02)
+    directions = ops.random_directions(key_directions, 6, 100)
+    expected = float(ops.sliced_wasserstein(descriptors, target, directions))
+    loss = ops.sliced_wasserstein_loss(key, descriptors, prototypes, count_rounding="last")
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    stochastic = ops.sliced_wasserstein_loss(
+        key, descriptors, prototypes, count_rounding="stochastic"
+    )
+    assert np.isfinite(float(stochastic)) and float(stochastic) >= 0.0

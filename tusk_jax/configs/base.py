@@ -117,7 +117,8 @@ def _loss_defaults() -> ml_collections.ConfigDict:
     loss.sw_noise_std = 0.02  # Std of the prototype mixture components (variance 4e-4).
     # Mixture sample counts from the weights: "last" (floor, remainder to the
     # last prototype: the reference) | "largest_remainder" (for small batches,
-    # where N is not large against M; see tusk_jax.ops.prototypes).
+    # where N is not large against M; ties go to the lowest index) |
+    # "stochastic" (unbiased, no preferred index); see tusk_jax.ops.prototypes.
     loss.sw_count_rounding = "last"
     # Spread s_m of the mixture weights: channel_mean (the reference) | channel_sum.
     loss.sw_spread = "channel_mean"

@@ -75,8 +75,13 @@ def kmeans_loss(
 # large against M; when it is not (a CPU-sized batch: N = 48 descriptors for
 # M = 32 prototypes), "last" gives the last prototype up to M - 1 extra samples
 # and every prototype whose weight_m N is below 1 none, so unused prototypes
-# are never pulled toward the descriptors.
-COUNT_ROUNDINGS = ("last", "largest_remainder")
+# are never pulled toward the descriptors. Its ties break by index: every
+# unused prototype has the same fractional part, so the spare samples go to
+# the lowest-indexed unused ones, every step. "stochastic": floor, then one
+# more sample to prototype m with probability equal to its fractional part
+# (systematic sampling over a random order), exactly N in all: unbiased,
+# E[count_m] = weight_m N, with no preferred index.
+COUNT_ROUNDINGS = ("last", "largest_remainder", "stochastic")
 # s_m, the spread of prototype m: "channel_mean" is the mean over its
 # descriptors and over the C channels of (D_i - P_m)^2 (the reference's
 # `torch.mean`, SPEC section 3); "channel_sum" sums over the channels (C times
@@ -89,6 +94,7 @@ def prototype_counts(
     prototypes: jax.Array,
     rounding: str = "last",
     spread: str = "channel_mean",
+    key: jax.Array | None = None,
 ) -> jax.Array:
     """How many of the N mixture samples each prototype gets (SPEC section 3).
 
@@ -97,15 +103,18 @@ def prototype_counts(
     of (D_i - P_m)^2 (`spread`, see `SPREADS`; 1 where it has none); a is the
     (population) variance of the s_m over m. Weights
     r_m + N (0.01 + a), normalised, give floor(weight_m N) samples; the
-    remainder goes to the last prototype (`rounding="last"`, the reference)
-    or one each to the largest fractional parts (`"largest_remainder"`, see
-    `COUNT_ROUNDINGS`). Not differentiable (integer).
+    remainder goes to the last prototype (`rounding="last"`, the reference),
+    one each to the largest fractional parts (`"largest_remainder"`) or one
+    each to prototypes drawn with probability equal to their fractional parts
+    (`"stochastic"`, needs `key`); see `COUNT_ROUNDINGS`. Not differentiable
+    (integer).
 
     Args:
       descriptors: `[N, C]`.
       prototypes: `[M, C]` (normalised here).
       rounding: one of `COUNT_ROUNDINGS` (static).
       spread: one of `SPREADS` (static).
+      key: a `jax.random` key; required by (and only used by) `"stochastic"`.
 
     Returns:
       int32 `[M]`, non-negative, summing to N.
@@ -113,6 +122,8 @@ def prototype_counts(
     _check_pair(descriptors, prototypes)
     if rounding not in COUNT_ROUNDINGS:
         raise ValueError(f"rounding must be one of {COUNT_ROUNDINGS}, got {rounding!r}.")
+    if rounding == "stochastic" and key is None:
+        raise ValueError('rounding="stochastic" needs a key (a jax.random key), got None.')
     if spread not in SPREADS:
         raise ValueError(f"spread must be one of {SPREADS}, got {spread!r}.")
     descriptors = jax.lax.stop_gradient(descriptors)
@@ -131,9 +142,43 @@ def prototype_counts(
     remainder = n - jnp.sum(counts)  # In [0, M); traced.
     if rounding == "last":
         return counts.at[-1].add(remainder)
+    if rounding == "stochastic":
+        return counts + _systematic_extra_samples(key, exact - counts, remainder)
     # Rank of each prototype by fractional part, largest first (ties: lowest index).
     rank = jnp.argsort(jnp.argsort(-(exact - counts), stable=True))
     return counts + (rank < remainder).astype(jnp.int32)
+
+
+def _systematic_extra_samples(key: jax.Array, fractions: jax.Array, total: jax.Array) -> jax.Array:
+    """0/1 per entry, `total` ones in all, entry m one with probability `fractions[m]`.
+
+    Systematic sampling: the fractions (each in [0, 1), summing to the
+    integer `total`) are laid end to end in a random order on [0, total) and
+    hit by the points u, u + 1, ..., u + total - 1 for one u ~ U[0, 1); an
+    interval of length f < 1 holds a point with probability f and at most one.
+    No library draws a fixed-size sample with given inclusion probabilities
+    under jit (`jax.random.choice(replace=False, p=...)` draws successively,
+    which does not give inclusion probabilities p).
+
+    Args:
+      key: a `jax.random` key.
+      fractions: `[M]` in [0, 1).
+      total: int scalar in [0, M), may be traced.
+
+    Returns:
+      int32 `[M]`.
+    """
+    key_order, key_offset = jax.random.split(key)
+    size = fractions.shape[0]
+    order = jax.random.permutation(key_order, size)
+    ends = jnp.cumsum(fractions[order])
+    # Rescale so the last end is `total` exactly (float sums drift by ~1e-7).
+    ends = ends * (total / jnp.maximum(ends[-1], 1e-12))
+    points = jax.random.uniform(key_offset) + jnp.arange(size)
+    hit = jnp.searchsorted(ends, points, side="right")  # Interval holding each point.
+    valid = ((jnp.arange(size) < total) & (hit < size)).astype(jnp.int32)
+    extra_in_order = jnp.zeros(size, jnp.int32).at[jnp.where(valid > 0, hit, 0)].add(valid)
+    return jnp.zeros(size, jnp.int32).at[order].set(extra_in_order)
 
 
 def sample_prototype_mixture(
@@ -239,8 +284,11 @@ def sliced_wasserstein_loss(
     """
     _check_pair(descriptors, prototypes)
     _checks.check_positive("num_projections", num_projections)
+    key_counts = None
+    if count_rounding == "stochastic":  # Other roundings keep the reference's key stream.
+        key, key_counts = jax.random.split(key)
     key_sample, key_directions = jax.random.split(key)
-    counts = prototype_counts(descriptors, prototypes, count_rounding, spread)
+    counts = prototype_counts(descriptors, prototypes, count_rounding, spread, key_counts)
     target = sample_prototype_mixture(
         key_sample, prototypes, counts, descriptors.shape[0], noise_std
     )
