@@ -49,6 +49,15 @@ def test_project_lines_pass_library_info_is_hidden_and_repeats_shown_once():
     assert once.filter(record(ours, logging.WARNING, "a repeated tusk_jax warning"))
 
 
+def test_verbosity_1_shows_library_info_but_not_library_debug():
+    ours = os.path.join(PACKAGE, "evaluate.py")
+    orbax = os.path.join("site-packages", "orbax", "checkpoint", "checkpointer.py")
+    shown = cli._NoLibraryDebug()
+    assert shown.filter(record(orbax, logging.INFO, "Saving"))
+    assert not shown.filter(record(orbax, logging.DEBUG, "Chunk layout"))
+    assert shown.filter(record(ours, logging.DEBUG, "Write error in thread"))
+
+
 def test_an_unprepared_dataset_is_no_warning(tmp_path, caplog):
     config = make_config()
     with config.unlocked():

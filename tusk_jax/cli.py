@@ -5,7 +5,8 @@ Each `main(argv)` (`tusk_jax.main`, `evaluate`, `detect`, `export`,
 `app.run` stays the entry. The console then shows tusk_jax's own lines and
 the warnings of other libraries, each identical library warning once; the
 INFO lines of the libraries (orbax, JAX, tfds, ...) appear with absl's
-`--verbosity=1`, which also turns the filters below off.
+`--verbosity=1`, which also turns the filters below off; their DEBUG lines
+(thousands per command) only with `--verbosity=2`.
 
 Importing this module imports no JAX array code (`tusk_jax.main` imports it
 before `jax.distributed` starts).
@@ -65,12 +66,25 @@ class _LibraryLinesOnce(python_logging.Filter):
         return True
 
 
+class _NoLibraryDebug(python_logging.Filter):
+    """`--verbosity=1`: the libraries' INFO lines but not their DEBUG lines.
+
+    absl maps verbosity 1 to Python's DEBUG level for every logger; the
+    libraries' DEBUG lines are left for `--verbosity=2`.
+    """
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        return _is_project_line(record) or record.levelno >= python_logging.INFO
+
+
 def _is_write_error(error: BaseException | None) -> bool:
     return isinstance(error, OSError) and error.errno in WRITE_ERRNOS
 
 
 def setup_logging(verbosity: int | None = None) -> None:
     """Hides the INFO lines of orbax, JAX and other libraries (shown with --verbosity=1).
+
+    Their DEBUG lines are shown with --verbosity=2 only.
 
     Also shows each identical library line once, and keeps the background
     threads of the writers (TensorBoard, orbax) from printing a traceback each
@@ -82,9 +96,12 @@ def setup_logging(verbosity: int | None = None) -> None:
     """
     if verbosity is None:
         verbosity = flags.FLAGS.verbosity
-    if verbosity >= 1:
+    if verbosity >= 2:
         return
     handler = logging.get_absl_handler()
+    if verbosity == 1:
+        handler.addFilter(_NoLibraryDebug())
+        return
     handler.addFilter(_ProjectInfoOnly())
     handler.addFilter(_LibraryLinesOnce())
     thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
