@@ -3,8 +3,10 @@
     python docs/results/seed_study/summarize.py docs/results/seed_study/*_metrics.json
 
 Reads `evaluate`'s metrics.json files named `<rounding>_s<seed>_step<step>_metrics.json`
-and prints one Markdown row per (rounding, step): ARI-FG, colour, shape, matched
-fraction and the largest prototype's share, in percent.
+and prints Markdown rows, in percent: ARI-FG, colour, shape, matched fraction, the
+largest prototype's share and that prototype's colour purity (of its matched
+keypoints), and the prototypes in use (count). First the mean +- std (sample std,
+ddof 1) per (rounding, step), then, with --per_seed, one row per run.
 """
 
 import collections
@@ -21,10 +23,31 @@ FIELDS = (
     ("shape_accuracy", "shape"),
     ("matched_keypoint_fraction", "matched"),
     ("largest_prototype_share", "largest share"),
+    ("largest_colour_purity", "its colour purity"),
+    ("prototypes_in_use", "in use"),
 )
+PERCENT = {field for field, _ in FIELDS} - {"prototypes_in_use"}
 
 
-def main(paths):
+def with_largest_colour_purity(metrics):
+    """`metrics` plus the colour purity of its largest prototype (nan if unmatched)."""
+    purity = {entry["prototype"]: entry["purity"]["color"] for entry in metrics["prototype_purity"]}
+    return {**metrics, "largest_colour_purity": purity.get(metrics["largest_prototype"], np.nan)}
+
+
+def cells(runs):
+    out = []
+    for field, _ in FIELDS:
+        scale = 100.0 if field in PERCENT else 1.0
+        values = scale * np.array([m[field] for m in runs], float)
+        std = f" +- {values.std(ddof=1):.1f}" if len(values) > 1 else ""
+        out.append(f"{values.mean():.1f}{std}")
+    return out
+
+
+def main(args):
+    per_seed = "--per_seed" in args
+    paths = [a for a in args if a != "--per_seed"]
     groups = collections.defaultdict(list)
     for path in paths:
         match = re.match(r"(.+)_s(\d+)_step(\d+)_metrics\.json$", os.path.basename(path))
@@ -32,17 +55,18 @@ def main(paths):
             continue
         rounding, seed, step = match.group(1), int(match.group(2)), int(match.group(3))
         with open(path) as f:
-            groups[(rounding, step)].append((seed, json.load(f)["metrics"]))
+            metrics = with_largest_colour_purity(json.load(f)["metrics"])
+        groups[(rounding, step)].append((seed, metrics))
     print("| rounding | step | seeds | " + " | ".join(label for _, label in FIELDS) + " |")
     print("|---|---|---|" + "---|" * len(FIELDS))
     for (rounding, step), runs in sorted(groups.items()):
-        cells = []
-        for field, _ in FIELDS:
-            values = 100.0 * np.array([m[field] for _, m in runs], float)
-            std = f" +- {values.std(ddof=1):.1f}" if len(values) > 1 else ""
-            cells.append(f"{values.mean():.1f}{std}")
         seeds = ", ".join(str(s) for s, _ in sorted(runs, key=lambda r: r[0]))
-        print(f"| `{rounding}` | {step} | {seeds} | " + " | ".join(cells) + " |")
+        row = " | ".join(cells([m for _, m in runs]))
+        print(f"| `{rounding}` | {step} | {seeds} | {row} |")
+    if per_seed:
+        for (rounding, step), runs in sorted(groups.items()):
+            for seed, metrics in sorted(runs, key=lambda r: r[0]):
+                print(f"| `{rounding}` | {step} | {seed} | " + " | ".join(cells([metrics])) + " |")
 
 
 if __name__ == "__main__":
