@@ -76,13 +76,26 @@ def purity_figure(
             x = [row["prototype"] - 0.4 + (j + 0.5) * width for row in purity]
             y = [100.0 * row["purity"][name] for row in purity]
             bottom.bar(x, y, width=width, label=name, color=matplotlib.colormaps["Set2"](j))
+        # Past a dozen prototypes the counts stand upright, without "n=", to stay apart.
+        crowded = m > 12
         for row in purity:
-            bottom.text(row["prototype"], 103, f"n={row['matched']}", ha="center", fontsize=6)
-        bottom.set_ylim(0, 118)
+            bottom.text(
+                row["prototype"],
+                102,
+                str(row["matched"]) if crowded else f"n={row['matched']}",
+                ha="center",
+                va="bottom",
+                fontsize=5 if crowded else 6,
+                rotation=90 if crowded else 0,
+            )
+        bottom.set_ylim(0, 140 if crowded else 118)
         bottom.set_ylabel("purity %", fontsize=8)
-        bottom.legend(fontsize=6, loc="lower right")
+        bottom.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         last = bottom
-    last.set_xticks(np.arange(m))
+    tick_step = -(-m // 32)  # At most 32 labelled prototypes (M = 114: every 4th).
+    last.set_xticks(np.arange(0, m, tick_step))
+    if m > 16:
+        last.tick_params(axis="x", labelrotation=90)
     last.set_xlabel("prototype (n: its matched keypoints)", fontsize=8)
     for axes in figure.axes:
         axes.tick_params(labelsize=7)
