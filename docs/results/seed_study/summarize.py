@@ -4,8 +4,9 @@
 
 Reads `evaluate`'s metrics.json files named `<rounding>_s<seed>_step<step>_metrics.json`
 and prints Markdown rows, in percent: ARI-FG, colour, shape, matched fraction, the
-largest prototype's share and that prototype's colour purity (of its matched
-keypoints), and the prototypes in use (count). First the mean +- std (sample std,
+largest prototype's share, that prototype's colour purity (of its matched
+keypoints) and the colour accuracy it alone leaves (`with_catch_all_fields`), and
+the prototypes in use (count). First the mean +- std (sample std,
 ddof 1) per (rounding, step), then, with --per_seed, one row per run.
 """
 
@@ -24,15 +25,27 @@ FIELDS = (
     ("matched_keypoint_fraction", "matched"),
     ("largest_prototype_share", "largest share"),
     ("largest_colour_purity", "its colour purity"),
+    ("colour_cap", "colour cap"),
     ("prototypes_in_use", "in use"),
 )
 PERCENT = {field for field, _ in FIELDS} - {"prototypes_in_use"}
 
 
-def with_largest_colour_purity(metrics):
-    """`metrics` plus the colour purity of its largest prototype (nan if unmatched)."""
-    purity = {entry["prototype"]: entry["purity"]["color"] for entry in metrics["prototype_purity"]}
-    return {**metrics, "largest_colour_purity": purity.get(metrics["largest_prototype"], np.nan)}
+def with_catch_all_fields(metrics):
+    """`metrics` plus two numbers of its largest prototype (the catch-all).
+
+    `largest_colour_purity`: its colour purity over its matched keypoints
+    (nan if none). `colour_cap`: the colour accuracy it leaves when every other
+    prototype is pure, 1 - (its share of the matched keypoints) x (1 - purity).
+    """
+    rows = {entry["prototype"]: entry for entry in metrics["prototype_purity"]}
+    row = rows.get(metrics["largest_prototype"])
+    if row is None:
+        return {**metrics, "largest_colour_purity": np.nan, "colour_cap": np.nan}
+    matched_total = metrics["matched_keypoint_fraction"] * sum(metrics["prototype_usage"])
+    purity = row["purity"]["color"]
+    cap = 1.0 - row["matched"] / matched_total * (1.0 - purity)
+    return {**metrics, "largest_colour_purity": purity, "colour_cap": cap}
 
 
 def cells(runs):
@@ -55,7 +68,7 @@ def main(args):
             continue
         rounding, seed, step = match.group(1), int(match.group(2)), int(match.group(3))
         with open(path) as f:
-            metrics = with_largest_colour_purity(json.load(f)["metrics"])
+            metrics = with_catch_all_fields(json.load(f)["metrics"])
         groups[(rounding, step)].append((seed, metrics))
     print("| rounding | step | seeds | " + " | ".join(label for _, label in FIELDS) + " |")
     print("|---|---|---|" + "---|" * len(FIELDS))
