@@ -7,7 +7,8 @@ and prints Markdown rows, in percent: ARI-FG, colour, shape, matched fraction, t
 largest prototype's share, that prototype's colour purity (of its matched
 keypoints) and the colour accuracy it alone leaves (`with_catch_all_fields`), and
 the prototypes in use (count). First the mean +- std (sample std,
-ddof 1) per (rounding, step), then, with --per_seed, one row per run.
+ddof 1) per (rounding, step), then, with --per_seed, one row per run; last, the
+decision rule of README.md applied at step 4000.
 """
 
 import collections
@@ -28,6 +29,11 @@ FIELDS = (
     ("colour_cap", "colour cap"),
     ("prototypes_in_use", "in use"),
 )
+# The decision rule (README.md): the candidate replaces the release's rounding only
+# if its mean beats the release's on at least two of these by more than the
+# standard error of the difference of the means.
+RULE_STEP, RULE_FIELDS = 4000, ("ari_fg", "color_accuracy", "shape_accuracy")
+RELEASE, CANDIDATE = "last", "largest_remainder"
 PERCENT = {field for field, _ in FIELDS} - {"prototypes_in_use"}
 
 
@@ -80,6 +86,25 @@ def main(args):
         for (rounding, step), runs in sorted(groups.items()):
             for seed, metrics in sorted(runs, key=lambda r: r[0]):
                 print(f"| `{rounding}` | {step} | {seed} | " + " | ".join(cells([metrics])) + " |")
+
+    decide(groups)
+
+
+def decide(groups):
+    release, candidate = groups.get((RELEASE, RULE_STEP)), groups.get((CANDIDATE, RULE_STEP))
+    if not release or not candidate:
+        return
+    wins = 0
+    print(f"\nDecision rule at step {RULE_STEP} ({CANDIDATE} - {RELEASE}, percent points):")
+    for field in RULE_FIELDS:
+        a = 100.0 * np.array([m[field] for _, m in candidate])
+        b = 100.0 * np.array([m[field] for _, m in release])
+        difference = a.mean() - b.mean()
+        stderr = np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
+        wins += difference > stderr
+        print(f"  {field}: {difference:+.2f} (standard error {stderr:.2f})")
+    verdict = CANDIDATE if wins >= 2 else RELEASE
+    print(f"  {CANDIDATE} better beyond the standard error on {wins} of 3: default {verdict}")
 
 
 if __name__ == "__main__":
