@@ -18,7 +18,9 @@ them `nearest` descriptors, `tps.grid=release`, `tps.outside=zeros`); `:test`
 follows it. `:cpu` reads descriptors with `bilinear_stop_gradient` (measured
 better at CPU scale, see the README's Fidelity section) and keeps tusk_jax's
 former warps, `tps.grid=pixel_centres` and `tps.outside=padding`
-(`base.cpu_overrides`).
+(`base.cpu_overrides`). Its count rounding is the release's `last`: a 3-seed
+study against `largest_remainder` did not show a gain beyond the seed spread
+on two of ARI-FG, colour and shape (`docs/results/seed_study/`).
 """
 
 from tusk_jax.configs import base
