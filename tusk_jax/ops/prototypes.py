@@ -75,9 +75,9 @@ def kmeans_loss(
 # large against M; when it is not (a CPU-sized batch: N = 48 descriptors for
 # M = 32 prototypes), "last" gives the last prototype up to M - 1 extra samples
 # and every prototype whose weight_m N is below 1 none, so unused prototypes
-# are never pulled toward the descriptors. Its ties break by index: every
-# unused prototype has the same fractional part, so the spare samples go to
-# the lowest-indexed unused ones, every step. "stochastic": floor, then one
+# are never pulled toward the descriptors. "largest_remainder" breaks ties by
+# index: every unused prototype has the same fractional part, so the spare
+# samples go to the lowest-indexed unused ones, every step. "stochastic": floor, then one
 # more sample to prototype m with probability equal to its fractional part
 # (systematic sampling over a random order), exactly N in all: unbiased,
 # E[count_m] = weight_m N, with no preferred index.
